@@ -1,0 +1,67 @@
+"""Commands that act on a source directly, without a running mount: log, init."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .backends.base import VersionInfo
+from .daemon import XATTR_SOURCE, open_backend
+from .errors import SourceError
+from .selectors import format_utc
+
+
+def resolve_source(source_or_mountpoint: str) -> str:
+    """A mount point of versionfs stands for its source (read from the mount)."""
+    if os.path.isdir(source_or_mountpoint):
+        try:
+            return os.fsdecode(os.getxattr(source_or_mountpoint, XATTR_SOURCE))
+        except OSError:
+            raise SourceError(f"{source_or_mountpoint}: a directory, but not a versionfs mount") from None
+    return source_or_mountpoint
+
+
+def versions(source: str) -> tuple[list[VersionInfo], str | None]:
+    backend = open_backend(resolve_source(source))
+    try:
+        return backend.versions(), backend.current()
+    finally:
+        backend.close()
+
+
+def log_lines(source: str, as_json: bool) -> list[str]:
+    infos, current = versions(source)
+    if as_json:
+        doc = [
+            {
+                "name": v.name,
+                "timestamp": format_utc(v.timestamp),
+                "previous": v.previous,
+                "current": v.name == current,
+                "attributes": dict(v.attrs),
+            }
+            for v in infos
+        ]
+        return [json.dumps(doc, indent=2, sort_keys=True)]
+    width = max((len(v.name) for v in infos), default=0)
+    return [
+        f"{v.name:<{width}}  {format_utc(v.timestamp)}" + ("  (current)" if v.name == current else "")
+        for v in infos
+    ]
+
+
+def init(source: str) -> str:
+    """Create an empty versioned HDF5 file; refuse to touch an existing one."""
+    if source.startswith("s3://"):
+        raise SourceError(f"{source}: S3 sources are not supported yet")
+    import h5py
+    from versioned_hdf5 import VersionedHDF5File
+
+    if os.path.exists(source):
+        raise SourceError(f"{source}: already exists")
+    try:
+        with h5py.File(source, "x") as f:
+            VersionedHDF5File(f)
+    except OSError as e:
+        raise SourceError(f"{source}: cannot create: {e}") from None
+    return f"created {source}"

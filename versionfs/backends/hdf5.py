@@ -1,0 +1,347 @@
+"""HDF5 backend: a file written by the ``versioned-hdf5`` library.
+
+Committed versions are read with plain h5py: each version is the group
+``/_version_data/versions/<name>`` whose datasets are virtual datasets mapping
+into the per-dataset ``raw_data``; HDF5 resolves the mapping (and fill values for
+unwritten chunks) on read, so a byte range reads only the chunks it overlaps.
+The versioned-hdf5 library itself is only asked whether it accepts the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import SourceError
+from . import npy
+from .base import Dir, File, VersionInfo, canonical_json, to_ns, version_json
+
+log = logging.getLogger(__name__)
+
+VERSIONS_GROUP = "_version_data/versions"
+FIRST_VERSION = "__first_version__"
+TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FMT
+# Attributes the format uses for itself; never shown as user attributes.
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp"})
+ATTRS_FILE = ".attrs.json"
+VERSION_FILE = ".version.json"
+RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
+NAME_MAX = 255
+TEXT_CACHE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class NpyRef:
+    """A fixed-size-dtype dataset shown as ``.npy``."""
+
+    h5path: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    header: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class TextRef:
+    """A variable-length string or bytes dataset shown as line-oriented text."""
+
+    h5path: str
+
+
+def open_file(path: str) -> h5py.File:
+    """Open a versioned HDF5 file read-only, or raise SourceError saying why not."""
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise SourceError(f"{path}: is a directory, not an HDF5 file")
+    if not h5py.is_hdf5(path):
+        raise SourceError(f"{path}: not an HDF5 file")
+    try:
+        # A 64 MiB chunk cache with many slots keeps partially read chunks hot
+        # between neighbouring block reads.
+        f = h5py.File(path, "r", rdcc_nbytes=64 << 20, rdcc_nslots=100_003)
+    except OSError as e:
+        if "lock" in str(e).lower():
+            raise SourceError(f"{path}: in use by a writer (HDF5 file lock is taken)") from None
+        raise SourceError(f"{path}: cannot be opened: {e}") from None
+    try:
+        if VERSIONS_GROUP not in f:
+            raise SourceError(
+                f"{path}: not a versioned HDF5 file (no /{VERSIONS_GROUP} group); "
+                "'versionfs init' creates one"
+            )
+        from versioned_hdf5 import VersionedHDF5File  # the format's own checks
+
+        try:
+            VersionedHDF5File(f)
+        except ValueError as e:
+            raise SourceError(f"{path}: refused by versioned-hdf5: {str(e).splitlines()[0]}") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def parse_timestamp(raw: Any) -> dt.datetime:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dt.datetime.strptime(text, TIMESTAMP_FMT).astimezone(dt.timezone.utc)
+
+
+def attr_to_json(value: Any) -> Any:
+    """An HDF5 attribute as JSON. int64, float64, bool and strings (and lists of
+    them) are plain JSON; any other dtype is ``{"dtype": <numpy str>, "value": …}``
+    so nothing about the attribute is lost."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return {"dtype": "bytes", "value": _jsonable(value)}
+    arr = np.asarray(value)
+    plain = _jsonable(arr.tolist())
+    if arr.dtype.kind == "O" or arr.dtype in (np.dtype(bool), np.dtype(np.int64), np.dtype(np.float64)):
+        return plain
+    if arr.dtype.kind == "U":
+        return plain
+    return {"dtype": arr.dtype.str if arr.dtype.names is None else str(arr.dtype.descr), "value": plain}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bytes):
+        return x.decode("utf-8", "backslashreplace")
+    if isinstance(x, complex):
+        return [x.real, x.imag]
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    return x
+
+
+def user_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    return {k: attr_to_json(v) for k, v in obj.attrs.items() if k not in INTERNAL_ATTRS}
+
+
+def safe_name(name: str, ext: str, taken: set[str]) -> str:
+    """The display name for an HDF5 name: itself plus ``ext`` unless that is taken,
+    reserved or longer than 255 bytes; then ``<stem>~<hash8><ext>`` (documented)."""
+    shown = name + ext
+    if shown not in taken and shown not in RESERVED_NAMES and len(shown.encode()) <= NAME_MAX:
+        return shown
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    suffix = f"~{digest}{ext}"
+    stem = name.encode("utf-8", "surrogateescape")[: NAME_MAX - len(suffix.encode())]
+    return stem.decode("utf-8", "ignore") + suffix
+
+
+def file_kind(dtype: np.dtype) -> str | None:
+    """'npy', 'text', or None for dtypes versionfs cannot show as a file."""
+    info = h5py.check_string_dtype(dtype)
+    if info is not None and info.length is None:
+        return "text"
+    if dtype.hasobject:
+        return None
+    return "npy"
+
+
+class HDF5Backend:
+    """Versions of one versioned-HDF5 file (see the module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.description = self.path
+        self.f = open_file(self.path)
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._texts: OrderedDict[str, bytes] = OrderedDict()
+        self._logged: set[str] = set()
+
+    # -- versions ---------------------------------------------------------------
+    def versions(self) -> list[VersionInfo]:
+        group = self.f[VERSIONS_GROUP]
+        infos: dict[str, VersionInfo] = {}
+        for name in group:
+            attrs = group[name].attrs
+            if name != FIRST_VERSION and not attrs.get("committed", False):
+                continue  # a version a writer never finished: the library hides it too
+            try:
+                timestamp = parse_timestamp(attrs["timestamp"])
+            except (KeyError, ValueError) as e:
+                self._log_once(f"version:{name}", "version %r has no valid timestamp (%s): not shown", name, e)
+                continue
+            previous = attrs.get("prev_version")
+            infos[name] = VersionInfo(
+                name=name,
+                timestamp=timestamp,
+                previous=previous if previous else None,
+                attrs=user_attrs(group[name]),
+                placeholder=name == FIRST_VERSION,
+            )
+
+        def depth(name: str) -> int:
+            n, seen = 0, set()
+            while name in infos and name not in seen and infos[name].previous:
+                seen.add(name)
+                name, n = infos[name].previous, n + 1
+            return n
+
+        # Oldest first; the empty first version always leads; chain depth breaks
+        # timestamp ties (parents before children), then the name.
+        return sorted(
+            infos.values(),
+            key=lambda v: (v.name != FIRST_VERSION, v.timestamp, depth(v.name), v.name),
+        )
+
+    def current(self) -> str | None:
+        current = self.f[VERSIONS_GROUP].attrs.get("current_version")
+        return current.decode() if isinstance(current, bytes) else current
+
+    # -- trees ------------------------------------------------------------------
+    def tree(self, version: str) -> Dir:
+        group = self.f[VERSIONS_GROUP][version]
+        info = VersionInfo(
+            name=version,
+            timestamp=parse_timestamp(group.attrs["timestamp"]),
+            previous=group.attrs.get("prev_version") or None,
+            attrs=user_attrs(group),
+        )
+        mtime = info.mtime_ns
+        notes: dict[str, Any] = {"renamed": {}, "hidden": {}}
+        root = self._dir(group, "", mtime, notes)
+        extra = {k: v for k, v in notes.items() if v}
+        root.children[VERSION_FILE] = self._generated(version_json(info, extra), mtime)
+        return root
+
+    def _dir(self, group: h5py.Group, path: str, mtime: int, notes: dict[str, Any]) -> Dir:
+        node = Dir(mtime_ns=mtime)
+        attrs: dict[str, Any] = {}
+        if group.attrs.keys() - INTERNAL_ATTRS:
+            attrs["."] = user_attrs(group)
+        groups, datasets = [], []
+        for name in sorted(group):
+            try:
+                obj = group[name]
+            except (KeyError, OSError) as e:  # a broken link or damaged object
+                self._hide(notes, f"{path}/{name}", f"cannot be opened: {e}")
+                continue
+            (groups if isinstance(obj, h5py.Group) else datasets).append((name, obj))
+        taken: set[str] = set()
+        for name, obj in groups:
+            shown = self._show(safe_name(name, "", taken), name, path, notes)
+            taken.add(shown)
+            node.children[shown] = self._dir(obj, f"{path}/{name}", mtime, notes)
+        for name, obj in datasets:
+            if not isinstance(obj, h5py.Dataset):
+                self._hide(notes, f"{path}/{name}", f"unsupported object {type(obj).__name__}")
+                continue
+            kind = file_kind(obj.dtype)
+            if kind is None:
+                self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
+                continue
+            ext = ".npy" if kind == "npy" else ".txt"
+            shown = self._show(safe_name(name, ext, taken), name + ext, path, notes)
+            taken.add(shown)
+            node.children[shown] = self._file(obj, kind, mtime)
+            if obj.attrs.keys() - INTERNAL_ATTRS:
+                attrs[shown] = user_attrs(obj)
+        if attrs:
+            node.children[ATTRS_FILE] = self._generated(canonical_json(attrs), mtime)
+        return node
+
+    def _file(self, ds: h5py.Dataset, kind: str, mtime: int) -> File:
+        if kind == "text":
+            return File(size=None, mtime_ns=mtime, ref=TextRef(ds.name))
+        dtype = ds.dtype
+        ref = NpyRef(ds.name, dtype, tuple(ds.shape), npy.header(dtype, ds.shape))
+        chunks = ds.attrs.get("chunks")
+        unit = 1 << 20
+        if chunks is not None and len(ds.shape) > 0:
+            row = int(chunks[0]) * int(np.prod(ds.shape[1:], dtype=np.int64)) * dtype.itemsize
+            unit = row or unit
+        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit))
+
+    @staticmethod
+    def _generated(content: bytes, mtime: int) -> File:
+        return File(size=len(content), mtime_ns=mtime, content=content)
+
+    def _show(self, shown: str, wanted: str, path: str, notes: dict[str, Any]) -> str:
+        if shown != wanted:
+            notes["renamed"][f"{path}/{shown}".lstrip("/")] = f"{path}/{wanted}".lstrip("/")
+            self._log_once(f"rename:{path}/{wanted}", "%s/%s is shown as %s (name taken, reserved or too long)", path, wanted, shown)
+        return shown
+
+    def _hide(self, notes: dict[str, Any], path: str, why: str) -> None:
+        notes["hidden"][path.lstrip("/")] = why
+        self._log_once(f"hide:{path}", "%s is not shown: %s", path, why)
+
+    def _log_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(msg, *args)
+
+    # -- data -------------------------------------------------------------------
+    def _dataset(self, h5path: str) -> h5py.Dataset:
+        ds = self._datasets.get(h5path)
+        if ds is None:
+            ds = self._datasets[h5path] = self.f[h5path]
+        return ds
+
+    def file_size(self, ref: Any) -> int:
+        return len(self._text(ref))
+
+    def read(self, ref: Any, offset: int, length: int) -> bytes:
+        if isinstance(ref, TextRef):
+            return self._text(ref)[offset : offset + length]
+        return self._read_npy(ref, offset, length)
+
+    def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes:
+        head, itemsize = len(ref.header), ref.dtype.itemsize
+        end = min(offset + length, ref.size)
+        if offset >= end:
+            return b""
+        parts = []
+        if offset < head:
+            parts.append(ref.header[offset : min(end, head)])
+        if end > head and itemsize:
+            d0, d1 = max(offset, head) - head, end - head
+            e0, e1 = d0 // itemsize, -(-d1 // itemsize)
+            # zeros, not empty: padding bytes of compound dtypes read as 0 every time
+            buf = np.zeros(e1 - e0, dtype=ref.dtype)
+            ds = self._dataset(ref.h5path)
+            if not ref.shape:
+                buf[0] = ds[()]
+            else:
+                pos = 0
+                for box in npy.flat_boxes(ref.shape, e0, e1):
+                    n = npy.box_size(box)
+                    ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
+                    pos += n
+            raw = buf.view(np.uint8)
+            parts.append(raw[d0 - e0 * itemsize : d1 - e0 * itemsize].tobytes())
+        return b"".join(parts)
+
+    def _text(self, ref: TextRef) -> bytes:
+        data = self._texts.get(ref.h5path)
+        if data is None:
+            values = self._dataset(ref.h5path)[()]
+            values = [values] if np.ndim(values) == 0 else np.asarray(values, dtype=object).ravel()
+            data = npy.text_bytes(values)
+            self._texts[ref.h5path] = data
+            while sum(map(len, self._texts.values())) > TEXT_CACHE_BYTES and len(self._texts) > 1:
+                self._texts.popitem(last=False)
+        else:
+            self._texts.move_to_end(ref.h5path)
+        return data
+
+    def close(self) -> None:
+        self._datasets.clear()
+        self.f.close()
+

@@ -1,0 +1,101 @@
+"""Serving the kernel's small reads of immutable files from larger blocks.
+
+The kernel asks for 128 KiB at a time. Each miss here fetches a whole window of
+blocks on the worker thread in one call, aligned to the file's layout (whole
+chunk rows of an HDF5 dataset), and the window doubles while reads stay
+sequential. Re-reads are the kernel page cache's job (``keep_cache``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Awaitable, Callable
+
+import trio
+
+MIN_BLOCK = 1 << 20
+MAX_WINDOW_BYTES = 32 << 20
+MAX_CACHED_BYTES = 2 * MAX_WINDOW_BYTES
+
+Fetch = Callable[[int, int], Awaitable[bytes]]
+
+
+class BlockReader:
+    """Reads of one open file, batched into aligned blocks fetched by ``fetch``."""
+
+    def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int]):
+        origin, unit = layout
+        self._fetch = fetch
+        self.size = size
+        # Block -1 is [0, origin) (a header); block k >= 0 starts at origin + k*B.
+        self._origin = min(origin, size)
+        unit = max(1, unit)
+        self._block = unit * max(1, MIN_BLOCK // unit) if unit <= MAX_WINDOW_BYTES // 4 else MIN_BLOCK
+        self._max_window = max(1, MAX_WINDOW_BYTES // self._block)
+        self._window = 1
+        self._next_offset = 0
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._pending: dict[int, trio.Event] = {}
+
+    def _start(self, index: int) -> int:
+        return 0 if index < 0 else min(self.size, self._origin + index * self._block)
+
+    def _index(self, offset: int) -> int:
+        return -1 if offset < self._origin else (offset - self._origin) // self._block
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        if offset == self._next_offset:
+            self._window = min(self._window * 2, self._max_window)
+        else:
+            self._window = 1
+        self._next_offset = end
+        parts = []
+        pos = offset
+        while pos < end:
+            index = self._index(pos)
+            data = await self._get(index)
+            start = self._start(index)
+            if not data:  # the file shrank under us: a short read, never a loop
+                break
+            parts.append(data[pos - start : end - start])
+            pos = start + len(data)
+        return b"".join(parts)
+
+    async def _get(self, index: int) -> bytes:
+        while True:
+            data = self._blocks.get(index)
+            if data is not None:
+                self._blocks.move_to_end(index)
+                return data
+            pending = self._pending.get(index)
+            if pending is None:
+                await self._fill(index)
+            else:
+                await pending.wait()
+                if index not in self._blocks:  # that fetch failed: try ourselves
+                    await self._fill(index)
+
+    async def _fill(self, index: int) -> None:
+        last = index + 1 if index < 0 else index + self._window
+        while last > index + 1 and (last - 1 in self._blocks or last - 1 in self._pending):
+            last -= 1
+        indices = range(index, last)
+        done = trio.Event()
+        for i in indices:
+            self._pending[i] = done
+        try:
+            start = self._start(index)
+            data = await self._fetch(start, self._start(last) - start)
+            for i in indices:
+                self._blocks[i] = data[self._start(i) - start : self._start(i + 1) - start]
+        finally:
+            for i in indices:
+                self._pending.pop(i, None)
+            done.set()
+        cached = sum(map(len, self._blocks.values()))
+        while cached > MAX_CACHED_BYTES and len(self._blocks) > 1:
+            _, old = self._blocks.popitem(last=False)
+            cached -= len(old)

@@ -1,0 +1,113 @@
+"""Command line: argument parsing, then one call per command; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import UserError
+
+EXIT_ERROR = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="versionfs", description="Browse, diff and restore the history of data as ordinary directories.")
+    p.add_argument("--version", action="version", version=f"versionfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount a source; returns once the mount is usable")
+    m.add_argument("source", help="a versioned .h5 file (or s3://bucket/prefix)")
+    m.add_argument("mountpoint")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options, comma separated (ro, allow_other, ...)")
+    m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
+    u.add_argument("mountpoint")
+
+    lg = sub.add_parser("log", help="list versions, oldest first")
+    lg.add_argument("source", help="a source or a versionfs mount point")
+    lg.add_argument("--json", action="store_true", help="machine-readable output")
+
+    i = sub.add_parser("init", help="create an empty versioned HDF5 file")
+    i.add_argument("source")
+
+    d = sub.add_parser("demo", help="make a small versioned HDF5 file, mount it, print what to try")
+    d.add_argument("directory", nargs="?", default="versionfs-demo")
+    return p
+
+
+def _mount_options(raw: list[str]) -> list[str]:
+    return [o for group in raw for o in group.split(",") if o]
+
+
+def _mount(args: argparse.Namespace) -> None:
+    from . import daemon
+
+    opts = daemon.MountOptions(args.source, args.mountpoint, _mount_options(args.options), args.debug)
+    if args.foreground:
+        daemon.serve(opts, daemon.ready_writer(args.ready_fd))
+        return
+    child = ["mount", args.source, os.path.abspath(args.mountpoint), "-f"]
+    child += [f"-o{o}" for o in opts.fuse_options]
+    child += ["--state-dir", args.state_dir] if args.state_dir else []
+    daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from . import daemon, demo
+
+    source, mnt = demo.demo_paths(args.directory)
+    os.makedirs(mnt, exist_ok=True)
+    if daemon.is_mountpoint(mnt):
+        daemon.unmount(mnt)
+    demo.make_demo_file(source)
+    daemon.start_background(["mount", source, mnt, "-f"], mnt, None)
+    print(demo.instructions(source, mnt), end="")
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "mount":
+        _mount(args)
+    elif args.command == "umount":
+        from .daemon import unmount
+
+        unmount(args.mountpoint)
+    elif args.command == "log":
+        from .admin import log_lines
+
+        print("\n".join(log_lines(args.source, args.json)))
+    elif args.command == "init":
+        from .admin import init
+
+        print(init(args.source))
+    elif args.command == "demo":
+        _demo(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _run(args)
+    except UserError as e:
+        print(f"versionfs: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"versionfs: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0

@@ -1,0 +1,238 @@
+"""The daemon's lifetime: checks, mount, serve on trio, readiness, signals, unmount.
+
+``serve`` runs in the foreground. ``start_background`` re-runs this program with
+``-f`` in a new session and waits on a pipe until the child says the mount is
+usable (or why it is not), so ``versionfs mount`` returns only once it can be used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .backends.base import Backend
+from .errors import SourceError, UserError
+from .fs import VersionFS
+from .namespace import Namespace
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+FUSE_DEVICE = "/dev/fuse"
+FSTYPE = "fuse.versionfs"
+XATTR_PID = "user.versionfs.pid"
+XATTR_SOURCE = "user.versionfs.source"
+
+
+@dataclass
+class MountOptions:
+    source: str
+    mountpoint: str
+    fuse_options: list[str] = field(default_factory=list)
+    debug: bool = False
+
+
+def open_backend(source: str) -> Backend:
+    if source.startswith("s3://"):
+        raise SourceError(f"{source}: S3 sources are not supported yet")
+    from .backends.hdf5 import HDF5Backend
+
+    return HDF5Backend(source)
+
+
+def is_mountpoint(path: str) -> bool:
+    return mount_fstype(path) is not None
+
+
+def mount_fstype(path: str) -> str | None:
+    """The file-system type mounted exactly at ``path``, from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+                if mnt == path:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return None
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: mount point does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: mount point is not a directory")
+    if is_mountpoint(path):
+        raise UserError(f"{path}: something is already mounted there")
+    if os.listdir(path):
+        raise UserError(f"{path}: mount point is not empty (versionfs mounts only on an empty directory)")
+
+
+def check_fuse_device() -> None:
+    if not os.path.exists(FUSE_DEVICE):
+        raise UserError(f"{FUSE_DEVICE} is missing: load the fuse module (modprobe fuse) or give the container the device")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise UserError(f"{FUSE_DEVICE}: permission denied (add yourself to the 'fuse' group or run as root)")
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {f"fsname=versionfs:{opts.source}", "subtype=versionfs"}
+    for option in opts.fuse_options:
+        options.add(option)
+    return options
+
+
+def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
+    """Mount and serve until unmounted or signalled. ``ready(None)`` is called once
+    the mount answers; ``ready(message)`` if it never will. Blocks."""
+    worker = Worker()
+    backend: Backend | None = None
+    mounted = False
+    try:
+        mountpoint = os.path.abspath(opts.mountpoint)
+        backend = worker.call(open_backend, opts.source)
+        check_mountpoint(mountpoint)
+        check_fuse_device()
+        namespace = Namespace(backend, worker)
+        worker.call(namespace.load)
+        fs = VersionFS(namespace)
+        namespace.root.info = {
+            XATTR_PID: str(os.getpid()).encode(),
+            XATTR_SOURCE: os.fsencode(backend.description),
+        }
+        pyfuse3.init(fs, mountpoint, fuse_options(opts))
+        mounted = True
+        os.chdir("/")  # never keep a directory busy
+        log.info("mounted %s on %s", backend.description, mountpoint)
+        trio.run(_serve, mountpoint, ready)
+    except UserError as e:
+        ready(str(e))
+        raise
+    except BaseException as e:
+        ready(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", opts.mountpoint)
+        if backend is not None:
+            worker.call(backend.close)
+        worker.close()
+
+
+async def _serve(mountpoint: str, ready: Callable[[str | None], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals)
+        nursery.start_soon(_announce_ready, mountpoint, ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mountpoint: str, ready: Callable[[str | None], None]) -> None:
+    # A stat from another thread goes through the kernel to our own handlers:
+    # when it returns, the mount is usable.
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    ready(None)
+
+
+# -- background start and stop ------------------------------------------------------
+def state_dir(explicit: str | None = None) -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return explicit or os.path.join(base, "versionfs")
+
+
+def log_path(mountpoint: str, state: str | None = None) -> str:
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "-"
+    return os.path.join(state_dir(state), "logs", f"{name}.log")
+
+
+def start_background(child_argv: list[str], mountpoint: str, state: str | None) -> None:
+    """Start ``versionfs <child_argv> --ready-fd N`` detached; return when it is ready."""
+    path = log_path(mountpoint, state)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    read_end, write_end = os.pipe()
+    with open(path, "ab") as logfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "versionfs", *child_argv, "--ready-fd", str(write_end)],
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode(errors="replace").strip()
+    if answer == "ready":
+        return
+    if not answer:
+        proc.wait()
+        answer = f"the daemon exited ({proc.returncode}) before the mount was ready; see {path}"
+    raise UserError(answer)
+
+
+def ready_writer(fd: int | None) -> Callable[[str | None], None]:
+    """The readiness callback: writes once to the pipe of ``start_background``."""
+    state = {"fd": fd}
+
+    def ready(error: str | None) -> None:
+        fd = state["fd"]
+        if fd is None:
+            return
+        state["fd"] = None
+        try:
+            os.write(fd, b"ready" if error is None else error.encode())
+        finally:
+            os.close(fd)
+
+    return ready
+
+
+def unmount(mountpoint: str, timeout: float = 120.0) -> None:
+    """Unmount a versionfs mount and wait until its daemon has exited."""
+    mountpoint = os.path.abspath(mountpoint)
+    fstype = mount_fstype(mountpoint)
+    if fstype is None:
+        raise UserError(f"{mountpoint}: not mounted")
+    if fstype != FSTYPE:
+        raise UserError(f"{mountpoint}: not a versionfs mount ({fstype})")
+    try:
+        pid = int(os.getxattr(mountpoint, XATTR_PID))
+    except (OSError, ValueError):
+        pid = None
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
+        raise UserError(f"{mountpoint}: cannot unmount: {reason}")
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"{mountpoint}: unmounted, but daemon {pid} is still running after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False

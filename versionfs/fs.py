@@ -1,0 +1,258 @@
+"""The pyfuse3 adapter: inodes, handles and errno mapping over namespace nodes.
+
+It knows nothing of HDF5 or S3. Every handler goes through ``_guard``: an
+``FsError`` becomes its errno, and any other exception is logged once (with its
+traceback) and answered with EIO, so no handler can ever end the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections import Counter
+from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
+
+import pyfuse3
+
+from .errors import FsError
+from .namespace import Handle, Namespace, Node, mode_bits
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+NAME_MAX = 255
+
+
+def _guard(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: "VersionFS", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception as e:  # noqa: BLE001 - the daemon must survive anything
+            self.report_failure(fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _name(raw: bytes) -> str:
+    if len(raw) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    return os.fsdecode(raw)
+
+
+class VersionFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, namespace: Namespace):
+        super().__init__()
+        self.ns = namespace
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: namespace.root}
+        self._inodes: dict[Hashable, int] = {namespace.root.key: pyfuse3.ROOT_INODE}
+        self._lookups: Counter[int] = Counter()
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._handles: dict[int, Any] = {}
+        self._next_fh = 1
+        self._failures: Counter[tuple[str, str]] = Counter()
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    # -- bookkeeping ------------------------------------------------------------
+    def report_failure(self, op: str, exc: BaseException) -> None:
+        key = (op, f"{type(exc).__name__}: {exc}")
+        self._failures[key] += 1
+        if self._failures[key] == 1:
+            log.error("%s failed, answering EIO: %s", op, key[1], exc_info=exc)
+        else:
+            log.debug("%s failed again (%d times): %s", op, self._failures[key], key[1])
+
+    def _inode(self, node: Node, count: bool) -> int:
+        inode = self._inodes.get(node.key)
+        if inode is None:
+            inode = self._next_inode
+            self._next_inode += 1
+            self._inodes[node.key] = inode
+        self._nodes[inode] = node  # the freshest view of the same object
+        if count:
+            self._lookups[inode] += 1
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise FsError(errno.ESTALE)
+        return node
+
+    async def _entry(self, node: Node, count: bool = True) -> pyfuse3.EntryAttributes:
+        attr = await node.attr()
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._inode(node, count)
+        entry.generation = 0
+        entry.entry_timeout = entry.attr_timeout = node.ttl
+        entry.st_mode = mode_bits(attr)
+        entry.st_nlink = attr.nlink
+        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_size = attr.size
+        entry.st_blksize = 1 << 17
+        entry.st_blocks = -(-attr.size // 512)
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
+        return entry
+
+    def _new_handle(self, obj: Any) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = obj
+        return fh
+
+    def _handle(self, fh: int) -> Any:
+        obj = self._handles.get(fh)
+        if obj is None:
+            raise FsError(errno.EBADF)
+        return obj
+
+    def invalidate_root_entries(self, names: Sequence[str]) -> None:
+        """Make the kernel forget root entries that now point elsewhere."""
+        for name in names:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+
+    # -- lookups and attributes ------------------------------------------------
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self._node(parent_inode).lookup(_name(name))
+        return await self._entry(node)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(self._node(inode), count=False)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            self._lookups[inode] -= nlookup
+            if self._lookups[inode] <= 0 and inode != pyfuse3.ROOT_INODE:
+                del self._lookups[inode]
+                node = self._nodes.pop(inode, None)
+                if node is not None:
+                    self._inodes.pop(node.key, None)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        # The listing is taken once per opendir so that offsets stay stable.
+        return self._new_handle(await self._node(inode).children())
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._handle(fh)
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            entry = await self._entry(node, count=False)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
+                break
+            self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = NAME_MAX
+        return data
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._node(inode).xattrs().get(os.fsdecode(name))
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self._node(inode).xattrs()]
+
+    # -- files --------------------------------------------------------------
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        handle: Handle = await node.open(flags)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=node.keep_cache)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handle(fh).read(off, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).write(off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self._handle(fh).flush()
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await handle.release()
+
+    # -- changes (read-only nodes answer EROFS) ----------------------------------
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, handle = await self._node(parent_inode).create(_name(name), mode)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle)), await self._entry(node)
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(await self._node(parent_inode).mkdir(_name(name), mode))
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._node(parent_inode).unlink(_name(name))
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._node(parent_inode).rmdir(_name(name))
+
+    @_guard
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode_old)
+        await parent.rename(_name(name_old), self._node(parent_inode_new), _name(name_new), flags)
+
+    @_guard
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        await node.setattr(
+            attr.st_size if fields.update_size else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
+            attr.st_mode if fields.update_mode else None,
+        )
+        return await self._entry(node, count=False)
+
+    @_guard
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(await self._node(parent_inode).make_special(_name(name), "symlink"))
+
+    @_guard
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(await self._node(new_parent_inode).make_special(_name(new_name), "hard link"))
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(await self._node(parent_inode).make_special(_name(name), "device node"))
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._node(inode)
+        raise FsError(errno.EROFS)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._node(inode)
+        raise FsError(errno.EROFS)

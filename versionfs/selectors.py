@@ -1,0 +1,109 @@
+"""The selector grammar: ``@<time>`` and ``@<position>`` (DESIGN.md section 1).
+
+One grammar serves the root, ``history/`` and the CLI. A selector either names an
+instant (the version current *as of* then) or a position in the oldest-first list.
+Anything that is not exactly one of the documented forms is rejected: no guessing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Generic, Sequence, TypeVar, Union
+
+UTC = dt.timezone.utc
+
+# Dates with optional time (T or space), fraction up to nanoseconds, and offset
+# (Z or +HH:MM) only after a time. datetime.fromisoformat then checks the ranges.
+_TIME_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
+)
+_POSITION_RE = re.compile(r"-?\d{1,9}")
+
+
+@dataclass(frozen=True)
+class AsOf:
+    """The newest version whose timestamp is <= ``instant`` (aware, UTC)."""
+
+    instant: dt.datetime
+
+    def is_relative(self, now: dt.datetime | None = None) -> bool:
+        # A time still in the future names a different version once one is added.
+        return self.instant > (now or dt.datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class Position:
+    """``@0`` the first version, ``@-1`` the latest."""
+
+    index: int
+
+    def is_relative(self, now: dt.datetime | None = None) -> bool:
+        return self.index < 0
+
+
+Selector = Union[AsOf, Position]
+
+
+def parse_time(text: str) -> dt.datetime | None:
+    """Parse an instant in one of the documented forms; no offset means UTC."""
+    if not _TIME_RE.fullmatch(text):
+        return None
+    # fromisoformat keeps microseconds; truncating nanoseconds is exact for as-of
+    # lookups because stored timestamps have microsecond resolution.
+    main, dot, frac = text.partition(".")
+    if dot:
+        digits = re.match(r"\d+", frac).group(0)
+        text = f"{main}.{digits[:6].ljust(6, '0')}{frac[len(digits):]}"
+    try:
+        instant = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=UTC)
+    return instant.astimezone(UTC)
+
+
+def parse(text: str) -> Selector | None:
+    """Parse a selector without its leading ``@``; None if it is not one."""
+    if _POSITION_RE.fullmatch(text):
+        return Position(int(text))
+    instant = parse_time(text)
+    return AsOf(instant) if instant is not None else None
+
+
+T = TypeVar("T")
+
+
+class VersionIndex(Generic[T]):
+    """Versions sorted oldest first with their timestamps: O(log n) as-of lookups.
+
+    ``items`` must already be in the listing order; ties in timestamp resolve to
+    the last of the tied versions (the newest in the listing).
+    """
+
+    def __init__(self, items: Sequence[T], timestamps: Sequence[dt.datetime]):
+        self.items = list(items)
+        self._timestamps = list(timestamps)
+        if self._timestamps != sorted(self._timestamps):
+            raise ValueError("versions must be sorted by timestamp")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def resolve(self, selector: Selector) -> T | None:
+        if isinstance(selector, Position):
+            i = selector.index
+            if -len(self.items) <= i < len(self.items):
+                return self.items[i]
+            return None
+        i = bisect.bisect_right(self._timestamps, selector.instant)
+        return self.items[i - 1] if i else None
+
+
+def format_utc(instant: dt.datetime) -> str:
+    """``2024-01-15T10:30:00.123456Z``: the form versionfs prints timestamps in."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
