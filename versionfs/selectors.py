@@ -18,10 +18,10 @@ UTC = dt.timezone.utc
 # Dates with optional time (T or space), fraction up to nanoseconds, and offset
 # (Z or +HH:MM) only after a time. datetime.fromisoformat then checks the ranges.
 _TIME_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}"
-    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?(?:Z|[+-][0-9]{2}:[0-9]{2})?)?"
 )
-_POSITION_RE = re.compile(r"-?\d{1,9}")
+_POSITION_RE = re.compile(r"-?[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def parse_time(text: str) -> dt.datetime | None:
     # lookups because stored timestamps have microsecond resolution.
     main, dot, frac = text.partition(".")
     if dot:
-        digits = re.match(r"\d+", frac).group(0)
+        digits = re.match(r"[0-9]+", frac).group(0)
         text = f"{main}.{digits[:6].ljust(6, '0')}{frac[len(digits):]}"
     try:
         instant = dt.datetime.fromisoformat(text)

@@ -1,0 +1,321 @@
+"""versionfs benchmarks: ``make bench`` (or ``python bench/run.py [--only NAME]``).
+
+Every benchmark is a function in ``BENCHES`` that measures its own reference in
+the same run (so machine and disk speed cancel out) and returns rows for one
+markdown table. The table is printed and, after a full run, written into
+bench/README.md between the results markers. Add a benchmark (commits, S3
+reads, ...) by writing another ``bench_*`` function and listing it in BENCHES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+DATA_DIR = BENCH_DIR / "data"  # git-ignored; big inputs are made once and kept
+README = BENCH_DIR / "README.md"
+BEGIN, END = "<!-- results -->", "<!-- /results -->"
+MiB = 1 << 20
+
+# The big-read dataset: 1-D float64, random (so compression could not help), unfiltered.
+BIG_FILE = DATA_DIR / "big.h5"
+BIG_ELEMENTS = 64 * MiB  # 67_108_864 float64 = 512 MiB
+BIG_CHUNK = 1 << 18  # 2 MiB chunks
+BIG_VERSION = "v1"
+BIG_H5PATH = f"_version_data/versions/{BIG_VERSION}/big"  # what versioned-hdf5 reads for a read-only file
+READ_BUFFER = 1 * MiB  # like cp
+
+
+@dataclass
+class Row:
+    measurement: str
+    mib_s: float
+    ratio: float | None  # to this benchmark's reference (None: is the reference)
+    goal: str
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)  # printed under the table
+
+
+@dataclass
+class Context:
+    reps: int
+
+
+# -- helpers -----------------------------------------------------------------------
+def drop_caches() -> bool:
+    """Empty the page cache (also the kernel's cache of FUSE files). Needs root."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def read_sequentially(path: str | Path, digest: "hashlib._Hash | None" = None) -> int:
+    """Read a file start to end with readinto of one buffer, as cp does; bytes read."""
+    buf = bytearray(READ_BUFFER)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+            if digest is not None:
+                digest.update(view[:n])
+    return total
+
+
+def proc_counters(pid: int) -> tuple[int, float]:
+    """(bytes the process read via syscalls, CPU seconds used) so far."""
+    with open(f"/proc/{pid}/io") as f:
+        io = dict(line.split(": ") for line in f.read().splitlines())
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return int(io["rchar"]), cpu
+
+
+def machine_line() -> str:
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    return (
+        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · {os.cpu_count()} CPUs · "
+        f"{mem_kib / (1 << 20):.0f} GiB RAM · Linux {platform.release()} · "
+        f"Python {platform.python_version()}, h5py {h5py.__version__}, numpy {np.__version__}"
+    )
+
+
+def versionfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # ``python -m versionfs`` from this interpreter: works from .venv and /tmp/venv alike.
+    return subprocess.run([sys.executable, "-m", "versionfs", *args], capture_output=True, text=True, check=check)
+
+
+@contextlib.contextmanager
+def mounted(source: Path) -> Iterator[Path]:
+    """A fresh versionfs mount of ``source`` with its own throw-away state and cache
+    directories (so no daemon state survives between cold runs); always unmounted."""
+    tmp = Path(tempfile.mkdtemp(prefix="versionfs-bench-"))
+    mnt, state = tmp / "mnt", tmp / "state"
+    mnt.mkdir()
+    old_env = {k: os.environ.get(k) for k in ("XDG_STATE_HOME", "XDG_CACHE_HOME")}
+    os.environ["XDG_STATE_HOME"], os.environ["XDG_CACHE_HOME"] = str(state), str(tmp / "cache")
+    try:
+        r = versionfs("mount", str(source), str(mnt), "--state-dir", str(state), check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"versionfs mount failed: {r.stderr.strip()}")
+        yield mnt
+    finally:
+        r = versionfs("umount", str(mnt), check=False)
+        if r.returncode != 0 and "not mounted" not in r.stderr:
+            print(f"warning: versionfs umount: {r.stderr.strip()}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)  # in case
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def daemon_pid(mnt: Path) -> int:
+    return int(os.getxattr(mnt, "user.versionfs.pid"))
+
+
+def mib_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MiB / seconds
+
+
+# -- the big dataset ------------------------------------------------------------------
+def big_file_ok() -> bool:
+    try:
+        with h5py.File(BIG_FILE, "r") as f:
+            ds = f[BIG_H5PATH]
+            return ds.shape == (BIG_ELEMENTS,) and ds.dtype == np.float64
+    except (OSError, KeyError):
+        return False
+
+
+def ensure_big_file() -> Path:
+    """Make the 512 MiB versioned file once; kept in bench/data/ for later runs."""
+    if BIG_FILE.exists() and big_file_ok():
+        return BIG_FILE
+    from versioned_hdf5 import VersionedHDF5File
+
+    DATA_DIR.mkdir(exist_ok=True)
+    print(f"creating {BIG_FILE} ({BIG_ELEMENTS * 8 // MiB} MiB, once) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    data = np.random.default_rng(0).standard_normal(BIG_ELEMENTS)
+    tmp = BIG_FILE.with_suffix(".h5.tmp")  # renamed into place only when complete
+    with h5py.File(tmp, "w") as f:
+        with VersionedHDF5File(f).stage_version(BIG_VERSION) as g:
+            g.create_dataset("big", data=data, chunks=(BIG_CHUNK,))
+    os.replace(tmp, BIG_FILE)
+    print(f"created in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return BIG_FILE
+
+
+# -- benchmarks ------------------------------------------------------------------------
+def bench_read(ctx: Context) -> Result:
+    """Sequential read of latest/big.npy, cold and warm, against h5py reading the
+    same dataset directly from the same file, cold."""
+    source = ensure_big_file()
+    nbytes = BIG_ELEMENTS * 8
+    dropped = True
+
+    def h5py_read() -> np.ndarray:
+        with h5py.File(source, "r") as f:
+            return f[BIG_H5PATH][...]
+
+    # Reference: h5py direct, cold.
+    ref_times = []
+    for _ in range(ctx.reps):
+        dropped &= drop_caches()
+        ref_times.append(timed(h5py_read))
+
+    cold, warm, cat = [], [], []
+    daemon_cold_read, daemon_cold_cpu, daemon_warm_read = [], [], []
+    for rep in range(ctx.reps):
+        # A fresh mount per repetition: nothing cached in the daemon either.
+        with mounted(source) as mnt:
+            path = mnt / "latest" / "big.npy"
+            size = path.stat().st_size
+            pid = daemon_pid(mnt)
+            dropped &= drop_caches()
+            r0, c0 = proc_counters(pid)
+            t = timed(lambda: read_sequentially(path))
+            r1, c1 = proc_counters(pid)
+            cold.append(t)
+            daemon_cold_read.append(r1 - r0)
+            daemon_cold_cpu.append((c1 - c0) / t)
+            # Warm: the same file again, at once; keep_cache should serve it from RAM.
+            warm.append(timed(lambda: read_sequentially(path)))
+            r2, _ = proc_counters(pid)
+            daemon_warm_read.append(r2 - r1)
+            if rep == 0:
+                # Correctness, once: header as numpy.save writes it, data byte-exact.
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                    header_len = f.tell()
+                assert (shape, dtype) == ((BIG_ELEMENTS,), np.float64), (shape, dtype)
+                assert size == header_len + nbytes, (size, header_len, nbytes)
+                got = hashlib.sha256()
+                with open(path, "rb") as f:
+                    f.seek(header_len)
+                    while chunk := f.read(16 * MiB):
+                        got.update(chunk)
+                want = hashlib.sha256(h5py_read().tobytes()).hexdigest()
+                assert got.hexdigest() == want, "big.npy differs from the h5py data"
+            # cat, cold: what a shell user sees (cat reads 128 KiB at a time).
+            dropped &= drop_caches()
+            t0 = time.perf_counter()
+            subprocess.run(f"cat '{path}' > /dev/null", shell=True, check=True)
+            cat.append(time.perf_counter() - t0)
+
+    def speed(times: list[float], n: int = nbytes) -> float:
+        return mib_s(n, statistics.median(times))
+
+    ref = speed(ref_times)
+    cold_s, warm_s, cat_s = speed(cold, size), speed(warm, size), speed(cat, size)
+    suffix = "" if dropped else " (cache not dropped)"
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    rows = [
+        Row(f"h5py direct read of the dataset, cold{suffix} — reference", ref, None, "—"),
+        Row(f"versionfs `latest/big.npy`, cold, 1 MiB `readinto`{suffix}", cold_s, cold_s / ref, f"≥ 0.8 ({met(cold_s >= 0.8 * ref)})"),
+        Row(f"versionfs `latest/big.npy`, cold, `cat > /dev/null`{suffix}", cat_s, cat_s / ref, "≥ 0.8 (informative)"),
+        Row("versionfs `latest/big.npy`, warm re-read (page cache)", warm_s, warm_s / ref, f"from page cache, ≫ cold ({warm_s / cold_s:.1f}× cold)"),
+    ]
+    med = statistics.median
+    runs = lambda times, n=nbytes: " / ".join(f"{mib_s(n, t):.0f}" for t in times)  # noqa: E731
+    notes = [
+        f"Dataset: {nbytes // MiB} MiB float64, 1-D, {BIG_ELEMENTS:,} elements, chunks of "
+        f"{BIG_CHUNK:,} ({BIG_CHUNK * 8 // MiB} MiB), no compression; medians of {ctx.reps} runs.",
+        f"Daemon during a cold read: read {med(daemon_cold_read) / MiB:.0f} MiB from the source "
+        f"(file is {size / MiB:.0f} MiB), busy {med(daemon_cold_cpu):.0%} of one CPU.",
+        f"Daemon during a warm re-read: read {med(daemon_warm_read) / MiB:.1f} MiB "
+        f"({'served by the page cache' if med(daemon_warm_read) < MiB else 'NOT served by the page cache'}).",
+        f"Every run (MiB/s): reference {runs(ref_times)}; cold {runs(cold, size)}; "
+        f"cat {runs(cat, size)}; warm {runs(warm, size)}.",
+        "Correctness: `big.npy` header matches numpy's, data bytes equal h5py's (sha256).",
+    ]
+    return Result(rows, notes)
+
+
+BENCHES: dict[str, Callable[[Context], Result]] = {
+    "read": bench_read,
+}
+
+
+# -- output -------------------------------------------------------------------------
+def fmt_table(results: dict[str, Result]) -> str:
+    lines = [
+        machine_line(),
+        "",
+        "| measurement | MiB/s (median) | ratio to reference | goal |",
+        "|---|---:|---:|---|",
+    ]
+    notes = []
+    for name, result in results.items():
+        for row in result.rows:
+            ratio = "1.00 (reference)" if row.ratio is None else f"{row.ratio:.2f}"
+            lines.append(f"| {name}: {row.measurement} | {row.mib_s:,.0f} | {ratio} | {row.goal} |")
+        notes += [f"- {name}: {n}" for n in result.notes]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def write_readme(table: str) -> None:
+    text = README.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    README.write_text(text[:start] + "\n" + table + text[end:])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only this benchmark (repeatable); README is then left alone")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
+    args = p.parse_args()
+    ctx = Context(reps=args.reps)
+    names = args.only or list(BENCHES)
+    results = {}
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = BENCHES[name](ctx)
+    table = fmt_table(results)
+    print(table, end="")
+    if not args.only:
+        write_readme(table)
+        print(f"(written to {README.relative_to(Path.cwd()) if README.is_relative_to(Path.cwd()) else README})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

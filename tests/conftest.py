@@ -1,0 +1,108 @@
+"""Fixtures: real versioned HDF5 files and real mounts.
+
+Every mount is made by the real ``versionfs mount`` (which returns once the
+mount is usable) and always taken down: ``fusermount3 -u -z``, then the daemon
+is killed by pid if it is still there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+VERSIONFS = [sys.executable, "-m", "versionfs"]
+
+
+def run_versionfs(*args: str, check: bool = False, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*VERSIONFS, *args], capture_output=True, text=True, check=check, timeout=timeout, **kw)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def daemon_pid(mnt: Path) -> int | None:
+    try:
+        return int(os.getxattr(mnt, "user.versionfs.pid"))
+    except OSError:
+        return None
+
+
+def force_unmount(mnt: Path, pid: int | None) -> None:
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    if pid is not None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+class Mount:
+    def __init__(self, source: str, path: Path, state: Path):
+        self.source, self.path, self.state = source, path, state
+        self.pid = daemon_pid(path)
+
+    @property
+    def log(self) -> str:
+        logs = list((self.state / "logs").glob("*.log"))
+        return "".join(p.read_text() for p in logs)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+
+class Mounter:
+    """Mounts sources on fresh directories and undoes every one of them."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.made: list[Mount] = []
+
+    def __call__(self, source: str | os.PathLike, *extra: str) -> Mount:
+        base = self.tmp.mktemp("mnt")
+        mnt, state = base / "mnt", base / "state"
+        mnt.mkdir()
+        result = run_versionfs("mount", str(source), str(mnt), "--state-dir", str(state), *extra)
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt)
+        m = Mount(str(source), mnt, state)
+        self.made.append(m)
+        return m
+
+    def close(self) -> None:
+        for m in self.made:
+            force_unmount(m.path, m.pid)
+
+
+@pytest.fixture
+def mount(tmp_path_factory) -> Iterator[Mounter]:
+    """``mount(source, *extra_args)`` mounts on a fresh directory; all are undone."""
+    mounter = Mounter(tmp_path_factory)
+    yield mounter
+    mounter.close()
+
+
+@pytest.fixture(scope="module")
+def module_mount(tmp_path_factory) -> Iterator[Mounter]:
+    mounter = Mounter(tmp_path_factory)
+    yield mounter
+    mounter.close()

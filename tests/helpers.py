@@ -1,0 +1,38 @@
+"""Building versioned HDF5 files with the versioned-hdf5 library itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+from versioned_hdf5 import VersionedHDF5File
+
+UTC = dt.timezone.utc
+
+
+def make_versions(path: Path, *steps: Callable[[h5py.Group], None], names=None, timestamps=None) -> Path:
+    """One version per step; each step edits the staged group in place."""
+    with h5py.File(path, "a") as f:
+        vf = VersionedHDF5File(f)
+        for i, step in enumerate(steps):
+            name = names[i] if names else f"v{i + 1}"
+            ts = timestamps[i] if timestamps else None
+            with vf.stage_version(name, timestamp=ts) as g:
+                step(g)
+    return path
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def library_array(path: Path, version: str, name: str) -> np.ndarray:
+    """What versioned-hdf5 returns for a dataset of a version."""
+    with h5py.File(path, "r") as f:
+        return VersionedHDF5File(f)[version][name][()]
