@@ -57,5 +57,8 @@ def test_concurrent_reads_share_fetches_and_ranges_are_exact():
     results = trio.run(main)
     for (off, n), data in results.items():
         assert data == content[off : off + n]
-    fetched = sum(length for _, length in calls)
-    assert fetched <= 6 * MIB  # concurrent readers waited for the same block
+    # Concurrent readers waited for the block already on its way: no byte is
+    # fetched twice, and there are few fetches for 36 requests.
+    spans = sorted(calls)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), spans
+    assert len(calls) <= 6

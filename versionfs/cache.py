@@ -47,6 +47,14 @@ class BlockReader:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        try:
+            return await self._read_blocks(offset, end)
+        except Exception:  # noqa: BLE001
+            # A damaged region fails its whole window, but the bytes asked for
+            # may still be readable on their own: try exactly those (uncached).
+            return await self._fetch(offset, end - offset)
+
+    async def _read_blocks(self, offset: int, end: int) -> bytes:
         if offset == self._next_offset:
             self._window = min(self._window * 2, self._max_window)
         else:
