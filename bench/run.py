@@ -182,6 +182,21 @@ def ensure_big_file() -> Path:
     return BIG_FILE
 
 
+def verify_npy(path: Path, expected: np.ndarray) -> None:
+    """The file is numpy's .npy of ``expected``: header fields, size, data bytes."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        header_len = f.tell()
+        assert (shape, fortran, dtype) == (expected.shape, False, expected.dtype), (shape, fortran, dtype)
+        assert os.fstat(f.fileno()).st_size == header_len + expected.nbytes, "st_size is not header + data"
+        got = hashlib.sha256()
+        while chunk := f.read(16 * MiB):
+            got.update(chunk)
+    assert got.digest() == hashlib.sha256(expected.data).digest(), f"{path} differs from the h5py data"
+
+
 # -- benchmarks ------------------------------------------------------------------------
 def bench_read(ctx: Context) -> Result:
     """Sequential read of latest/big.npy, cold and warm, against h5py reading the
@@ -194,15 +209,13 @@ def bench_read(ctx: Context) -> Result:
         with h5py.File(source, "r") as f:
             return f[BIG_H5PATH][...]
 
-    # Reference: h5py direct, cold.
-    ref_times = []
-    for _ in range(ctx.reps):
-        dropped &= drop_caches()
-        ref_times.append(timed(h5py_read))
-
-    cold, warm, cat = [], [], []
+    ref_times, cold, warm, cat = [], [], [], []
     daemon_cold_read, daemon_cold_cpu, daemon_warm_read = [], [], []
     for rep in range(ctx.reps):
+        # Reference and versionfs alternate, so that drifts of the (virtual) disk
+        # or of the host hit both alike.
+        dropped &= drop_caches()
+        ref_times.append(timed(h5py_read))
         # A fresh mount per repetition: nothing cached in the daemon either.
         with mounted(source) as mnt:
             path = mnt / "latest" / "big.npy"
@@ -220,26 +233,10 @@ def bench_read(ctx: Context) -> Result:
             r2, _ = proc_counters(pid)
             daemon_warm_read.append(r2 - r1)
             if rep == 0:
-                # Correctness, once: header as numpy.save writes it, data byte-exact.
-                with open(path, "rb") as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read_header(f)
-                    header_len = f.tell()
-                assert (shape, dtype) == ((BIG_ELEMENTS,), np.float64), (shape, dtype)
-                assert size == header_len + nbytes, (size, header_len, nbytes)
-                got = hashlib.sha256()
-                with open(path, "rb") as f:
-                    f.seek(header_len)
-                    while chunk := f.read(16 * MiB):
-                        got.update(chunk)
-                want = hashlib.sha256(h5py_read().tobytes()).hexdigest()
-                assert got.hexdigest() == want, "big.npy differs from the h5py data"
+                verify_npy(path, h5py_read())
             # cat, cold: what a shell user sees (cat reads 128 KiB at a time).
             dropped &= drop_caches()
-            t0 = time.perf_counter()
-            subprocess.run(f"cat '{path}' > /dev/null", shell=True, check=True)
-            cat.append(time.perf_counter() - t0)
+            cat.append(timed(lambda: subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)))
 
     def speed(times: list[float], n: int = nbytes) -> float:
         return mib_s(n, statistics.median(times))
@@ -301,7 +298,7 @@ def write_readme(table: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only this benchmark (repeatable); README is then left alone")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
+    p.add_argument("--reps", type=lambda v: max(1, int(v)), default=5, help="repetitions per measurement (median reported)")
     args = p.parse_args()
     ctx = Context(reps=args.reps)
     names = args.only or list(BENCHES)

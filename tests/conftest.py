@@ -42,13 +42,13 @@ def force_unmount(mnt: Path, pid: int | None) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     if pid is not None:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[-1][:1] != "Z"

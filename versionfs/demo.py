@@ -27,9 +27,9 @@ def make_demo_file(path: str) -> None:
             st.create_dataset("names", data=np.array(STATIONS, dtype=object), dtype=h5py.string_dtype())
             st.create_dataset("elevation_m", data=np.array([408, 375, 260, 273], dtype="i4"))
             d = g.create_group("daily")
-            d.create_dataset("temperature", data=temps, chunks=(16, len(STATIONS)), maxshape=(None, len(STATIONS)))
+            d.create_dataset("temperature", data=temps, chunks=(16, len(STATIONS)))
             d["temperature"].attrs["units"] = "degC"
-            d.create_dataset("rain_mm", data=np.round(rng.gamma(1, 2, size=(days, len(STATIONS))), 1), chunks=(16, len(STATIONS)), maxshape=(None, len(STATIONS)))
+            d.create_dataset("rain_mm", data=np.round(rng.gamma(1, 2, size=(days, len(STATIONS))), 1), chunks=(16, len(STATIONS)))
         with vf.stage_version("2024-02", timestamp=dt.datetime(2024, 3, 1, 6, 0, tzinfo=UTC)) as g:
             more = np.round(rng.normal(6, 3, size=(29, len(STATIONS))), 1)
             t = g["daily/temperature"]
@@ -43,7 +43,7 @@ def make_demo_file(path: str) -> None:
             g["daily/temperature"][3, 1] = -2.5  # a corrected reading
             g["daily/temperature"].attrs["note"] = "Genève 4 Jan corrected"
             del g["daily/rain_mm"]
-            g["daily"].create_dataset("sunshine_h", data=np.round(rng.uniform(0, 9, size=(60, len(STATIONS))), 1))
+            g["daily"].create_dataset("sunshine_h", data=np.round(rng.uniform(0, 9, size=(60, len(STATIONS))), 1), chunks=(16, len(STATIONS)))
 
 
 def demo_paths(directory: str) -> tuple[str, str]:
