@@ -3,38 +3,48 @@
 The kernel asks for 128 KiB at a time. Each miss here fetches a whole window of
 blocks on the worker thread in one call, aligned to the file's layout (whole
 chunk rows of an HDF5 dataset), and the window doubles while reads stay
-sequential. Re-reads are the kernel page cache's job (``keep_cache``).
+sequential. Once it is at full size, the next window is fetched in the
+background while the kernel drains the current one, so the worker's reading and
+the kernel's copying overlap. Re-reads are the kernel page cache's job
+(``keep_cache``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
 MIN_BLOCK = 1 << 20
-MAX_WINDOW_BYTES = 32 << 20
-MAX_CACHED_BYTES = 2 * MAX_WINDOW_BYTES
+# Windows of a few MiB: large enough to amortise a thread hop and HDF5's
+# per-call cost, small enough that buffers are recycled by malloc instead of
+# being mapped and faulted in afresh every time.
+MAX_WINDOW_BYTES = 8 << 20
+MAX_CACHED_BYTES = 4 * MAX_WINDOW_BYTES
 
-Fetch = Callable[[int, int], Awaitable[bytes]]
+Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
+Spawn = Callable[..., Any]
 
 
 class BlockReader:
-    """Reads of one open file, batched into aligned blocks fetched by ``fetch``."""
+    """Reads of one open file, batched into aligned blocks fetched by ``fetch``.
+    ``spawn`` (a nursery's start_soon), if given, enables background prefetch."""
 
-    def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int]):
+    def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int], spawn: Spawn | None = None):
         origin, unit = layout
         self._fetch = fetch
+        self._spawn = spawn
         self.size = size
         # Block -1 is [0, origin) (a header); block k >= 0 starts at origin + k*B.
         self._origin = min(origin, size)
         unit = max(1, unit)
-        self._block = unit * max(1, MIN_BLOCK // unit) if unit <= MAX_WINDOW_BYTES // 4 else MIN_BLOCK
+        self._block = unit * max(1, MIN_BLOCK // unit) if unit <= MAX_WINDOW_BYTES // 2 else MIN_BLOCK
         self._max_window = max(1, MAX_WINDOW_BYTES // self._block)
         self._window = 1
         self._next_offset = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._blocks: OrderedDict[int, memoryview] = OrderedDict()
+        self._cached = 0
         self._pending: dict[int, trio.Event] = {}
 
     def _start(self, index: int) -> int:
@@ -52,13 +62,11 @@ class BlockReader:
         except Exception:  # noqa: BLE001
             # A damaged region fails its whole window, but the bytes asked for
             # may still be readable on their own: try exactly those (uncached).
-            return await self._fetch(offset, end - offset)
+            return bytes(await self._fetch(offset, end - offset))
 
     async def _read_blocks(self, offset: int, end: int) -> bytes:
-        if offset == self._next_offset:
-            self._window = min(self._window * 2, self._max_window)
-        else:
-            self._window = 1
+        sequential = offset == self._next_offset
+        self._window = min(self._window * 2, self._max_window) if sequential else 1
         self._next_offset = end
         parts = []
         pos = offset
@@ -66,13 +74,23 @@ class BlockReader:
             index = self._index(pos)
             data = await self._get(index)
             start = self._start(index)
-            if not data:  # the file shrank under us: a short read, never a loop
+            if not len(data):  # the file shrank under us: a short read, never a loop
                 break
             parts.append(data[pos - start : end - start])
             pos = start + len(data)
-        return b"".join(parts)
+        if sequential and self._window == self._max_window and self._spawn is not None:
+            ahead = self._index(end) + self._window
+            if self._start(ahead) < self.size and ahead not in self._blocks and ahead not in self._pending:
+                self._spawn(self._prefetch, ahead)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    async def _get(self, index: int) -> bytes:
+    async def _prefetch(self, index: int) -> None:
+        try:
+            await self._fill(index)
+        except Exception:  # noqa: BLE001 - the real read will retry and report
+            pass
+
+    async def _get(self, index: int) -> memoryview:
         while True:
             data = self._blocks.get(index)
             if data is not None:
@@ -96,14 +114,15 @@ class BlockReader:
             self._pending[i] = done
         try:
             start = self._start(index)
-            data = await self._fetch(start, self._start(last) - start)
+            data = memoryview(await self._fetch(start, self._start(last) - start))
             for i in indices:
-                self._blocks[i] = data[self._start(i) - start : self._start(i + 1) - start]
+                block = data[self._start(i) - start : self._start(i + 1) - start]
+                self._cached += len(block) - len(self._blocks.pop(i, b""))
+                self._blocks[i] = block
         finally:
             for i in indices:
                 self._pending.pop(i, None)
             done.set()
-        cached = sum(map(len, self._blocks.values()))
-        while cached > MAX_CACHED_BYTES and len(self._blocks) > 1:
+        while self._cached > MAX_CACHED_BYTES and len(self._blocks) > 1:
             _, old = self._blocks.popitem(last=False)
-            cached -= len(old)
+            self._cached -= len(old)

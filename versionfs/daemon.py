@@ -115,7 +115,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         mounted = True
         os.chdir("/")  # never keep a directory busy
         log.info("mounted %s on %s", backend.description, mountpoint)
-        trio.run(_serve, mountpoint, ready)
+        trio.run(_serve, namespace, mountpoint, ready)
     except UserError as e:
         ready(str(e))
         raise
@@ -131,8 +131,9 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         worker.close()
 
 
-async def _serve(mountpoint: str, ready: Callable[[str | None], None]) -> None:
+async def _serve(namespace: Namespace, mountpoint: str, ready: Callable[[str | None], None]) -> None:
     async with trio.open_nursery() as nursery:
+        namespace.spawn = nursery.start_soon
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()

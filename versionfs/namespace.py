@@ -14,7 +14,7 @@ import os
 import stat as stat_mod
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Any, Callable, Hashable
 
 from . import selectors
 from .backends.base import Backend, Dir, File, VersionInfo
@@ -140,7 +140,7 @@ class TreeFile(_ReadOnlyFile):
         size = (await self.attr()).size
         backend, ref = self.ns.backend, self.entry.ref
         fetch = lambda offset, length: self.ns.worker.run(backend.read, ref, offset, length)  # noqa: E731
-        return BlockReaderHandle(BlockReader(fetch, size, self.entry.layout))
+        return BlockReaderHandle(BlockReader(fetch, size, self.entry.layout, self.ns.spawn))
 
 
 class BlockReaderHandle(Handle):
@@ -250,6 +250,8 @@ class Namespace:
         self.by_name: dict[str, VersionInfo] = {}
         self.index: selectors.VersionIndex[VersionInfo] = selectors.VersionIndex([], [])
         self._current: str | None = None
+        # Starts background tasks (prefetch) in the daemon's nursery, once serving.
+        self.spawn: Callable[..., Any] | None = None
 
     def load(self) -> None:
         """Read the version list (blocking; call on the worker)."""

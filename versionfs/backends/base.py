@@ -72,7 +72,7 @@ class Backend(Protocol):
     def file_size(self, ref: Any) -> int:
         """Size of a file whose size the tree left as None."""
 
-    def read(self, ref: Any, offset: int, length: int) -> bytes:
+    def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
 
     def close(self) -> None: ...

@@ -297,36 +297,36 @@ class HDF5Backend:
     def file_size(self, ref: Any) -> int:
         return len(self._text(ref))
 
-    def read(self, ref: Any, offset: int, length: int) -> bytes:
+    def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         if isinstance(ref, TextRef):
             return self._text(ref)[offset : offset + length]
         return self._read_npy(ref, offset, length)
 
-    def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes:
+    def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
         head, itemsize = len(ref.header), ref.dtype.itemsize
         end = min(offset + length, ref.size)
         if offset >= end:
             return b""
-        parts = []
-        if offset < head:
-            parts.append(ref.header[offset : min(end, head)])
-        if end > head and itemsize:
-            d0, d1 = max(offset, head) - head, end - head
-            e0, e1 = d0 // itemsize, -(-d1 // itemsize)
-            # zeros, not empty: padding bytes of compound dtypes read as 0 every time
-            buf = np.zeros(e1 - e0, dtype=ref.dtype)
-            ds = self._dataset(ref.h5path)
-            if not ref.shape:
-                buf[0] = ds[()]
-            else:
-                pos = 0
-                for box in npy.flat_boxes(ref.shape, e0, e1):
-                    n = npy.box_size(box)
-                    ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
-                    pos += n
-            raw = buf.view(np.uint8)
-            parts.append(raw[d0 - e0 * itemsize : d1 - e0 * itemsize].tobytes())
-        return b"".join(parts)
+        header = ref.header[offset : min(end, head)] if offset < head else b""
+        if end <= head or not itemsize:
+            return header
+        d0, d1 = max(offset, head) - head, end - head
+        e0, e1 = d0 // itemsize, -(-d1 // itemsize)
+        # Compound dtypes may have padding: zeros make those bytes the same every
+        # time. Everything else skips the cost of clearing the buffer.
+        padded = ref.dtype.names is not None
+        buf = (np.zeros if padded else np.empty)(e1 - e0, dtype=ref.dtype)
+        ds = self._dataset(ref.h5path)
+        if not ref.shape:
+            buf[0] = ds[()]
+        else:
+            pos = 0
+            for box in npy.flat_boxes(ref.shape, e0, e1):
+                n = npy.box_size(box)
+                ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
+                pos += n
+        data = memoryview(buf.view(np.uint8))[d0 - e0 * itemsize : d1 - e0 * itemsize]
+        return header + bytes(data) if header else data
 
     def _text(self, ref: TextRef) -> bytes:
         data = self._texts.get(ref.h5path)
