@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
+from .control import request
 from .errors import UserError
 
 EXIT_ERROR = 1
@@ -26,7 +27,25 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options, comma separated (ro, allow_other, ...)")
     m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
+    m.add_argument("--autocommit", type=float, metavar="SECONDS", help="commit staging once it has been idle this long")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    c = sub.add_parser("commit", help="turn staging/ into the next version")
+    c.add_argument("mountpoint")
+    c.add_argument("-n", "--name", help="the new version's name (default: its UTC time)")
+    c.add_argument("-m", "--message", help="a message stored with the version")
+
+    st = sub.add_parser("status", help="staged changes: A added, M modified, D deleted")
+    st.add_argument("mountpoint")
+
+    dc = sub.add_parser("discard", help="drop every staged change")
+    dc.add_argument("mountpoint")
+
+    rb = sub.add_parser("rollback", help="commit the content of an earlier version as a new version")
+    rb.add_argument("mountpoint")
+    rb.add_argument("selector", help="a version name or a selector (@-2, @2024-01-15, …)")
+    rb.add_argument("-n", "--name", help="the new version's name")
+    rb.add_argument("-m", "--message")
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
     u.add_argument("mountpoint")
@@ -50,13 +69,16 @@ def _mount_options(raw: list[str]) -> list[str]:
 def _mount(args: argparse.Namespace) -> None:
     from . import daemon
 
-    opts = daemon.MountOptions(args.source, args.mountpoint, _mount_options(args.options), args.debug)
+    opts = daemon.MountOptions(
+        args.source, args.mountpoint, _mount_options(args.options), args.debug, args.state_dir, args.autocommit
+    )
     if args.foreground:
         daemon.serve(opts, daemon.ready_writer(args.ready_fd))
         return
     child = ["mount", args.source, os.path.abspath(args.mountpoint), "-f"]
     child += [f"-o{o}" for o in opts.fuse_options]
     child += ["--state-dir", args.state_dir] if args.state_dir else []
+    child += ["--autocommit", str(args.autocommit)] if args.autocommit else []
     daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
 
 
@@ -89,6 +111,17 @@ def _run(args: argparse.Namespace) -> None:
         print(init(args.source))
     elif args.command == "demo":
         _demo(args)
+    elif args.command == "commit":
+        name = request(args.mountpoint, "commit", name=args.name, message=args.message)
+        print(name or "unchanged")
+    elif args.command == "status":
+        for line in request(args.mountpoint, "status"):
+            print(line)
+    elif args.command == "discard":
+        request(args.mountpoint, "discard")
+    elif args.command == "rollback":
+        name = request(args.mountpoint, "rollback", selector=args.selector, name=args.name, message=args.message)
+        print(name or "unchanged")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args)
     except UserError as e:
         print(f"versionfs: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(e, "exit_code", EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - one clear line unless --debug

@@ -7,6 +7,7 @@ usable (or why it is not), so ``versionfs mount`` returns only once it can be us
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -20,10 +21,14 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from . import control
 from .backends.base import Backend
+from .commit import Committer, finish_interrupted
+from .control import XATTR_CONTROL
 from .errors import SourceError, UserError
 from .fs import VersionFS
 from .namespace import Namespace
+from .staging import Overlay
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,12 @@ class MountOptions:
     mountpoint: str
     fuse_options: list[str] = field(default_factory=list)
     debug: bool = False
+    state_dir: str | None = None
+    autocommit: float | None = None
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.fuse_options
 
 
 def open_backend(source: str) -> Backend:
@@ -111,11 +122,18 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             XATTR_PID: str(os.getpid()).encode(),
             XATTR_SOURCE: os.fsencode(backend.description),
         }
+        committer = None
+        if not opts.read_only:
+            overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))
+            finish_interrupted(overlay, set(namespace.by_name))
+            namespace.overlay = overlay
+            committer = Committer(namespace, overlay)
+            namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
         pyfuse3.init(fs, mountpoint, fuse_options(opts))
         mounted = True
         os.chdir("/")  # never keep a directory busy
         log.info("mounted %s on %s", backend.description, mountpoint)
-        trio.run(_serve, namespace, mountpoint, ready)
+        trio.run(_serve, namespace, committer, opts, mountpoint, ready)
     except UserError as e:
         ready(str(e))
         raise
@@ -131,13 +149,40 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         worker.close()
 
 
-async def _serve(namespace: Namespace, mountpoint: str, ready: Callable[[str | None], None]) -> None:
+async def _serve(namespace: Namespace, committer: Committer | None, opts: MountOptions, mountpoint: str,
+                 ready: Callable[[str | None], None]) -> None:
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
+        if committer is not None:
+            handlers = {
+                "commit": committer.commit,
+                "status": committer.status,
+                "discard": committer.discard,
+                "rollback": committer.rollback,
+            }
+            await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
+            if opts.autocommit:
+                nursery.start_soon(_autocommit, committer, opts.autocommit)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _autocommit(committer: Committer, idle_seconds: float) -> None:
+    """Commit once staging has been idle (no open writers, no changes) that long."""
+    overlay = committer.overlay
+    failed_state = None
+    while True:
+        await trio.sleep(min(idle_seconds, 1.0))
+        idle = time.monotonic() - overlay.last_change
+        if overlay.changed and not overlay.writers and idle >= idle_seconds and overlay.last_change != failed_state:
+            try:
+                name = await committer.commit()
+                log.info("autocommit: %s", name or "unchanged")
+            except UserError as e:
+                log.warning("autocommit: %s", e)
+                failed_state = overlay.last_change  # retried once staging changes again
 
 
 async def _on_signals() -> None:
@@ -159,6 +204,12 @@ async def _announce_ready(mountpoint: str, ready: Callable[[str | None], None]) 
 def state_dir(explicit: str | None = None) -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return explicit or os.path.join(base, "versionfs")
+
+
+def staging_dir(state: str | None, source: str) -> str:
+    """Staged data of one source: kept across mounts (and crashes) of that source."""
+    name = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return os.path.join(state_dir(state), "staging", name)
 
 
 def log_path(mountpoint: str, state: str | None = None) -> str:

@@ -61,7 +61,9 @@ class VersionFS(pyfuse3.Operations):
         self._handles: dict[int, Any] = {}
         self._next_fh = 1
         self._failures: Counter[tuple[str, str]] = Counter()
+        self._root_names: set[str] = set()  # root entries the kernel may have cached
         self.uid, self.gid = os.getuid(), os.getgid()
+        namespace.listeners.append(self.invalidate_root_entries)
 
     # -- bookkeeping ------------------------------------------------------------
     def report_failure(self, op: str, exc: BaseException) -> None:
@@ -116,15 +118,19 @@ class VersionFS(pyfuse3.Operations):
             raise FsError(errno.EBADF)
         return obj
 
-    def invalidate_root_entries(self, names: Sequence[str]) -> None:
-        """Make the kernel forget root entries that now point elsewhere."""
-        for name in names:
+    def invalidate_root_entries(self) -> None:
+        """After a new version or a new staging: the kernel forgets every root
+        entry (latest, staging, @…); looked up again, they get fresh inodes."""
+        for name in self._root_names:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+        self._root_names.clear()
 
     # -- lookups and attributes ------------------------------------------------
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self._node(parent_inode).lookup(_name(name))
+        if parent_inode == pyfuse3.ROOT_INODE:
+            self._root_names.add(os.fsdecode(name))
         return await self._entry(node)
 
     @_guard
@@ -143,17 +149,19 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         # The listing is taken once per opendir so that offsets stay stable.
-        return self._new_handle(await self._node(inode).children())
+        return self._new_handle((inode, await self._node(inode).children()))
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._handle(fh)
+        inode, entries = self._handle(fh)
         for i in range(start_id, len(entries)):
             name, node = entries[i]
             entry = await self._entry(node, count=False)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
                 break
             self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
+            if inode == pyfuse3.ROOT_INODE:
+                self._root_names.add(name)
 
     @_guard
     async def releasedir(self, fh: int) -> None:
@@ -162,7 +170,12 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
+        space = self.ns.space()  # the disk staged data goes to, if any
+        if space is not None:
+            for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+                setattr(data, attr, getattr(space, attr))
+        else:
+            data.f_bsize = data.f_frsize = 4096
         data.f_namemax = NAME_MAX
         return data
 
@@ -195,6 +208,14 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def flush(self, fh: int) -> None:
         await self._handle(fh).flush()
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handle(fh).fsync()
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
 
     @_guard
     async def release(self, fh: int) -> None:
@@ -249,10 +270,8 @@ class VersionFS(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._node(inode)
-        raise FsError(errno.EROFS)
+        await self._node(inode).setxattr(os.fsdecode(name), value)
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._node(inode)
-        raise FsError(errno.EROFS)
+        await self._node(inode).setxattr(os.fsdecode(name), b"")

@@ -88,6 +88,9 @@ class Node:
         """Symlinks, hard links and device nodes."""
         raise FsError(errno.EROFS)
 
+    async def setxattr(self, name: str, value: bytes) -> None:
+        raise FsError(errno.EROFS)
+
 
 class Handle:
     async def read(self, offset: int, size: int) -> bytes:
@@ -97,6 +100,9 @@ class Handle:
         raise FsError(errno.EBADF)
 
     async def flush(self) -> None:
+        pass
+
+    async def fsync(self) -> None:
         pass
 
     async def release(self) -> None:
@@ -130,17 +136,10 @@ class TreeFile(_ReadOnlyFile):
         self.key = ("file", version, path)
 
     async def attr(self) -> Attr:
-        if self.entry.size is None:
-            self.entry.size = await self.ns.worker.run(self.ns.backend.file_size, self.entry.ref)
-        return Attr(False, self.entry.size, self.entry.mtime_ns, 0o444)
+        return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, 0o444)
 
     async def _open(self) -> Handle:
-        if self.entry.content is not None:
-            return BytesHandle(self.entry.content)
-        size = (await self.attr()).size
-        backend, ref = self.ns.backend, self.entry.ref
-        fetch = lambda offset, length: self.ns.worker.run(backend.read, ref, offset, length)  # noqa: E731
-        return BlockReaderHandle(BlockReader(fetch, size, self.entry.layout, self.ns.spawn))
+        return await self.ns.open_file(self.entry)
 
 
 class BlockReaderHandle(Handle):
@@ -227,6 +226,8 @@ class Root(Node):
             return self.ns.versions_dir
         if name.startswith("@"):
             return await self.ns.select(name)
+        if name == "staging" and self.ns.overlay is not None:
+            return await self.ns.overlay.node("")
         raise enoent()
 
     async def children(self) -> list[tuple[str, Node]]:
@@ -234,6 +235,8 @@ class Root(Node):
         if self.ns.current_info() is not None:
             out.append(("latest", await self.ns.latest()))
         out.append(("versions", self.ns.versions_dir))
+        if self.ns.overlay is not None:
+            out.append(("staging", await self.ns.overlay.node("")))
         return out
 
 
@@ -252,6 +255,15 @@ class Namespace:
         self._current: str | None = None
         # Starts background tasks (prefetch) in the daemon's nursery, once serving.
         self.spawn: Callable[..., Any] | None = None
+        self.overlay: Any = None  # staging.Overlay, when the mount has staging/
+        self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
+
+    def space(self) -> os.statvfs_result | None:
+        return os.statvfs(self.overlay.store.directory) if self.overlay is not None else None
+
+    def notify_changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def load(self) -> None:
         """Read the version list (blocking; call on the worker)."""
@@ -284,6 +296,20 @@ class Namespace:
         else:
             self._trees.move_to_end(name)
         return tree
+
+    async def file_size(self, entry: File) -> int:
+        if entry.size is None:
+            entry.size = await self.worker.run(self.backend.file_size, entry.ref)
+        return entry.size
+
+    async def open_file(self, entry: File) -> Handle:
+        """A read handle on a file of a version (shared by every view and staging)."""
+        if entry.content is not None:
+            return BytesHandle(entry.content)
+        size = await self.file_size(entry)
+        backend, ref = self.backend, entry.ref
+        fetch = lambda offset, length: self.worker.run(backend.read, ref, offset, length)  # noqa: E731
+        return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn))
 
     async def version_root(self, view: str, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeDir:
         return TreeDir(self, view, info.name, "", await self.tree(info.name), ttl)

@@ -50,9 +50,35 @@ class File:
 class Dir:
     mtime_ns: int
     children: dict[str, "Entry"] = field(default_factory=dict)
+    ref: Any = None  # the backend's own handle (an HDF5 group path)
 
 
 Entry = Union[File, Dir]
+
+
+def find(root: Dir, path: str) -> Entry | None:
+    """The entry at ``path`` ('a/b.npy'; '' is the root) of a version tree."""
+    entry: Entry | None = root
+    for name in filter(None, path.split("/")):
+        if not isinstance(entry, Dir):
+            return None
+        entry = entry.children.get(name)
+    return entry
+
+
+@dataclass(frozen=True)
+class Change:
+    """One staged change, in display paths of the version tree ('a/b.npy').
+
+    kind ``file``: new content, from the local file ``local`` or, for a rename
+    without edits, from the parent version's file at ``base_path``;
+    ``dir``: a new directory; ``delete``: a file or directory removed.
+    """
+
+    path: str
+    kind: str
+    local: str | None = None
+    base_path: str | None = None
 
 
 class Backend(Protocol):
@@ -74,6 +100,14 @@ class Backend(Protocol):
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
+
+    def fingerprint(self, ref: Any) -> Any:
+        """Equal for two files of any versions exactly when their content is,
+        computed without reading data where the format allows (conflict checks)."""
+
+    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+        """Make ``changes`` on top of version ``parent`` the new version ``name``,
+        atomically and durably."""
 
     def close(self) -> None: ...
 

@@ -20,17 +20,20 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .. import journal
 from ..errors import SourceError
 from . import npy
-from .base import Dir, File, VersionInfo, canonical_json, to_ns, version_json
+from .base import Change, Dir, File, VersionInfo, canonical_json, version_json
 
 log = logging.getLogger(__name__)
 
 VERSIONS_GROUP = "_version_data/versions"
 FIRST_VERSION = "__first_version__"
 TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FMT
-# Attributes the format uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp"})
+RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
+MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
+# Attributes the format (or versionfs) uses for itself; never shown as user attributes.
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR})
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
@@ -46,6 +49,7 @@ class NpyRef:
     dtype: np.dtype
     shape: tuple[int, ...]
     header: bytes
+    kind = "npy"
 
     @property
     def size(self) -> int:
@@ -57,14 +61,31 @@ class TextRef:
     """A variable-length string or bytes dataset shown as line-oriented text."""
 
     h5path: str
+    kind = "text"
+
+
+@dataclass(frozen=True)
+class RawRef:
+    """A uint8 dataset holding the raw bytes of a staged file (README: Writing)."""
+
+    h5path: str
+    kind = "raw"
 
 
 def open_file(path: str) -> h5py.File:
-    """Open a versioned HDF5 file read-only, or raise SourceError saying why not."""
+    """Open a versioned HDF5 file read-only, or raise SourceError saying why not.
+    An interrupted commit's journal is rolled back first."""
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file")
     if os.path.isdir(path):
         raise SourceError(f"{path}: is a directory, not an HDF5 file")
+    try:
+        if journal.recover(path):
+            log.warning("%s: rolled back an interrupted commit", path)
+    except journal.FileBusy as e:
+        raise SourceError(str(e)) from None
+    except OSError as e:
+        raise SourceError(f"{path}: has an interrupted commit to roll back, but: {e.strerror}") from None
     if not h5py.is_hdf5(path):
         raise SourceError(f"{path}: not an HDF5 file")
     try:
@@ -217,11 +238,13 @@ class HDF5Backend:
         notes: dict[str, Any] = {"renamed": {}, "hidden": {}}
         root = self._dir(group, "", mtime, notes)
         extra = {k: v for k, v in notes.items() if v}
+        if MESSAGE_ATTR in group.attrs:
+            extra["message"] = attr_to_json(group.attrs[MESSAGE_ATTR])
         root.children[VERSION_FILE] = self._generated(version_json(info, extra), mtime)
         return root
 
     def _dir(self, group: h5py.Group, path: str, mtime: int, notes: dict[str, Any]) -> Dir:
-        node = Dir(mtime_ns=mtime)
+        node = Dir(mtime_ns=mtime, ref=group.name)
         attrs: dict[str, Any] = {}
         if group.attrs.keys() - INTERNAL_ATTRS:
             attrs["."] = user_attrs(group)
@@ -242,11 +265,11 @@ class HDF5Backend:
             if not isinstance(obj, h5py.Dataset):
                 self._hide(notes, f"{path}/{name}", f"unsupported object {type(obj).__name__}")
                 continue
-            kind = file_kind(obj.dtype)
+            kind = "raw" if RAW_ATTR in obj.attrs and obj.dtype == np.uint8 and obj.ndim == 1 else file_kind(obj.dtype)
             if kind is None:
                 self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
                 continue
-            ext = ".npy" if kind == "npy" else ".txt"
+            ext = {"npy": ".npy", "text": ".txt", "raw": ""}[kind]
             shown = self._show(safe_name(name, ext, taken), name + ext, path, notes)
             taken.add(shown)
             node.children[shown] = self._file(obj, kind, mtime)
@@ -259,6 +282,8 @@ class HDF5Backend:
     def _file(self, ds: h5py.Dataset, kind: str, mtime: int) -> File:
         if kind == "text":
             return File(size=None, mtime_ns=mtime, ref=TextRef(ds.name))
+        if kind == "raw":
+            return File(size=int(ds.shape[0]), mtime_ns=mtime, ref=RawRef(ds.name))
         dtype = ds.dtype
         ref = NpyRef(ds.name, dtype, tuple(ds.shape), npy.header(dtype, ds.shape))
         chunks = ds.attrs.get("chunks")
@@ -300,7 +325,30 @@ class HDF5Backend:
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         if isinstance(ref, TextRef):
             return self._text(ref)[offset : offset + length]
+        if isinstance(ref, RawRef):
+            return self._dataset(ref.h5path)[offset : offset + length].tobytes()
         return self._read_npy(ref, offset, length)
+
+    def fingerprint(self, ref: Any) -> Any:
+        """Shape, dtype, fill value and the chunk mapping: equal exactly when two
+        versions of a dataset hold the same data (chunks are content-addressed)."""
+        ds = self._dataset(ref.h5path)
+        mapping = [
+            (m.vspace.get_select_bounds(), m.dset_name, m.src_space.get_select_bounds())
+            for m in (ds.virtual_sources() if ds.is_virtual else [])
+        ]
+        return (ds.shape, ds.dtype.str, repr(ds.fillvalue), mapping)
+
+    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+        from . import hdf5_write
+
+        # The read handle holds a shared lock and h5py cannot have the file open
+        # twice in different modes: close it for the commit, reopen after.
+        self._close_file()
+        try:
+            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree)
+        finally:
+            self.f = open_file(self.path)
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
         head, itemsize = len(ref.header), ref.dtype.itemsize
@@ -341,7 +389,11 @@ class HDF5Backend:
             self._texts.move_to_end(ref.h5path)
         return data
 
-    def close(self) -> None:
+    def _close_file(self) -> None:
         self._datasets.clear()
+        self._texts.clear()
         self.f.close()
+
+    def close(self) -> None:
+        self._close_file()
 

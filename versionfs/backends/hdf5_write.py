@@ -1,0 +1,370 @@
+"""Staged changes → one new version of a versioned-HDF5 file.
+
+The commit goes through versioned-hdf5's own ``stage_version`` (so unchanged
+datasets are not rewritten and changed ones are chunk-deduplicated by the
+library), on an h5py file opened through ``JournaledFile`` (so the commit is
+atomic and durable). How staged files map to datasets (README, "Writing"):
+
+- ``<name>.npy`` (valid, fixed-size dtype) is dataset ``<name>``;
+- ``<name>.txt`` is a variable-length string dataset ``<name>`` when the text
+  form maps back to exactly the same bytes;
+- ``.attrs.json`` sets the attributes of its directory and its files;
+- anything else (and a new ``.npy`` or ``.txt`` that is not valid) is stored
+  losslessly as raw bytes: a uint8 dataset with the file's whole name, marked
+  with RAW_ATTR, and shown again as that file.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import io
+import json
+import logging
+import posixpath
+from typing import Any
+
+import h5py
+import numpy as np
+from h5py._hl.filters import guess_chunk
+from versioned_hdf5 import VersionedHDF5File
+
+from ..errors import UserError
+from ..journal import JournaledFile
+from . import npy
+from .base import Change, Dir, File, find
+from .hdf5 import ATTRS_FILE, INTERNAL_ATTRS, MESSAGE_ATTR, RAW_ATTR, VERSION_FILE
+
+log = logging.getLogger(__name__)
+
+SLAB_BYTES = 64 << 20
+UTC = dt.timezone.utc
+
+
+class CommitError(UserError):
+    """Staged content the format cannot take; the message names the path."""
+
+
+def commit(path: str, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+    """Write ``changes`` on top of ``parent`` as version ``name`` (blocking)."""
+    jf = JournaledFile(path)
+    try:
+        with h5py.File(jf, "r+") as f:
+            vf = VersionedHDF5File(f)
+            prev = parent or "__first_version__"
+            with vf.stage_version(name, prev_version=prev, timestamp=dt.datetime.now(UTC)) as group:
+                writer = _Writer(f, group, prev, parent_tree)
+                writer.carry_root_attrs()
+                if message:
+                    group.attrs[MESSAGE_ATTR] = message
+                writer.apply(changes)
+        jf.commit()
+    except BaseException:
+        jf.abort()
+        raise
+
+
+class _Writer:
+    def __init__(self, f: h5py.File, group: Any, prev: str, tree: Dir):
+        self.f, self.g, self.prev, self.tree = f, group, prev, tree
+        self.prev_group = f[f"_version_data/versions/{prev}"]
+
+    # -- names -------------------------------------------------------------------
+    def target(self, path: str) -> tuple[str, File | Dir | None]:
+        """The HDF5 path of a display path (leaf as shown) and its parent-tree entry."""
+        parts, entry, out = path.split("/"), self.tree, []
+        for part in parts:
+            child = entry.children.get(part) if isinstance(entry, Dir) else None
+            if child is not None and child.ref is not None:
+                out.append(_ref_name(child.ref))
+            else:
+                out.append(part)
+            entry = child
+        return "/".join(out), entry
+
+    def carry_root_attrs(self) -> None:
+        # versioned-hdf5 copies every object's attributes except the root's.
+        for key, value in self.prev_group.attrs.items():
+            if key not in INTERNAL_ATTRS:
+                self.g.attrs[key] = value
+
+    # -- changes -----------------------------------------------------------------
+    def apply(self, changes: list[Change]) -> None:
+        attrs_files = []
+        for change in sorted(changes, key=_order):
+            leaf = posixpath.basename(change.path)
+            if change.kind == "delete":
+                if leaf != ATTRS_FILE:
+                    self.delete(change.path)
+                else:
+                    attrs_files.append((change, b"{}"))
+            elif change.kind == "dir":
+                self.g.require_group(self.target(change.path)[0])
+            elif leaf == VERSION_FILE and "/" not in change.path:
+                continue  # generated; never stored
+            elif leaf == ATTRS_FILE:
+                attrs_files.append((change, self.content(change)))
+            else:
+                self.put_file(change)
+        for change, data in attrs_files:
+            self.set_attrs(change.path, data)
+
+    def content(self, change: Change) -> bytes:
+        if change.local is not None:
+            with open(change.local, "rb") as fh:
+                return fh.read()
+        entry = find(self.tree, change.base_path or change.path)
+        assert isinstance(entry, File)
+        if entry.content is not None:
+            return entry.content
+        # A rename onto an existing file: the bytes the parent version shows.
+        ds = self.f[_ref_h5path(entry.ref)]
+        kind = _ref_kind(entry.ref)
+        if kind == "raw":
+            return ds[()].tobytes()
+        if kind == "text":
+            return npy.text_bytes(np.asarray(ds[()], dtype=object).ravel())
+        buf = io.BytesIO()
+        np.save(buf, ds[()])
+        return buf.getvalue()
+
+    def delete(self, path: str) -> None:
+        h5path, entry = self.target(path)
+        if entry is None:
+            return
+        if h5path in self.g:
+            del self.g[h5path]
+
+    def put_file(self, change: Change) -> None:
+        h5path, entry = self.target(change.path)
+        leaf = posixpath.basename(change.path)
+        parent_h5 = posixpath.dirname(h5path)
+        if parent_h5:
+            self.g.require_group(parent_h5)
+        kind = _ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
+        if kind is None and change.base_path is not None:
+            source = find(self.tree, change.base_path)
+            if isinstance(source, File) and source.ref is not None and source.content is None:
+                # A rename: copy the dataset as it is (same dtype, chunks, attributes).
+                self.copy_dataset(_ref_h5path(source.ref), _renamed(h5path, leaf, _ref_kind(source.ref)))
+                return
+        data = self.content(change)
+        if kind == "npy" or (kind is None and leaf.endswith(".npy")):
+            array = _parse_npy(change, data)
+            if array is not None:
+                return self.put_array(h5path if kind else h5path[: -len(".npy")], array, change.path, exists=kind is not None)
+            if kind:
+                raise CommitError(f"{change.path}: not a valid .npy file (it replaces dataset /{h5path})")
+        if kind == "text" or (kind is None and leaf.endswith(".txt")):
+            values = npy.text_values(data)
+            if npy.text_bytes(values) == data:
+                return self.put_text(h5path if kind else h5path[: -len(".txt")], values, change.path, exists=kind is not None)
+            if kind:
+                raise CommitError(f"{change.path}: this text does not map back to the same bytes (see README, text form)")
+        self.put_raw(h5path, data, exists=kind == "raw")
+
+    def copy_dataset(self, source: str, dest: str) -> None:
+        src = self.prev_group[source.split(f"/versions/{self.prev}/", 1)[1]]
+        self._create(dest, src[()], src.chunks_hint if hasattr(src, "chunks_hint") else _chunks_of(src), src.fillvalue)
+        for key, value in src.attrs.items():
+            if key not in INTERNAL_ATTRS:
+                self.g[dest].attrs[key] = value
+
+    def put_array(self, name: str, array: np.ndarray, shown: str, exists: bool) -> None:
+        if not exists or name not in self.g:
+            return self._create(name, array, guess_chunk(array.shape, None, array.dtype.itemsize) if array.ndim else None, None)
+        ds = self.g[name]
+        if ds.dtype != array.dtype:
+            raise CommitError(f"{shown}: dtype {array.dtype} cannot replace {ds.dtype} of dataset /{name} (remove the file and commit, then add it back)")
+        if ds.ndim != array.ndim:
+            raise CommitError(f"{shown}: a {array.ndim}-D array cannot replace the {ds.ndim}-D dataset /{name}")
+        if ds.shape != array.shape:
+            ds.resize(array.shape)
+        if array.ndim == 0:
+            ds[()] = array[()]
+            return
+        # Write only the slabs that differ, a whole number of chunk rows at a time:
+        # the library then hashes and stores just the changed chunks.
+        chunk0 = int(ds.attrs.get("chunks", [1])[0]) if "chunks" in ds.attrs else 1
+        row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
+        step = max(chunk0, (SLAB_BYTES // row_bytes) // chunk0 * chunk0)
+        old = self.prev_group.get(name)
+        for start in range(0, array.shape[0], step):
+            new = np.asarray(array[start : start + step])
+            if isinstance(old, h5py.Dataset) and old.shape[1:] == array.shape[1:] and start + len(new) <= old.shape[0]:
+                if np.array_equal(old[start : start + len(new)], new, equal_nan=False) and _same_bytes(old[start : start + len(new)], new):
+                    continue
+            ds[start : start + len(new)] = new
+
+    def put_text(self, name: str, values: list[bytes], shown: str, exists: bool) -> None:
+        try:
+            array = np.array([v.decode("utf-8") for v in values], dtype=object)
+            dtype = h5py.string_dtype("utf-8")
+        except UnicodeDecodeError:
+            array, dtype = np.array(values, dtype=object), h5py.string_dtype("ascii")
+        if exists and name in self.g:
+            ds = self.g[name]
+            if ds.ndim != 1:
+                if int(np.prod(ds.shape)) != len(values):
+                    raise CommitError(f"{shown}: {len(values)} lines cannot fill the {ds.shape} dataset /{name}")
+                ds[...] = array.reshape(ds.shape)
+                return
+            if ds.shape != array.shape:
+                ds.resize(array.shape)
+            if len(array):
+                ds[...] = array
+            return
+        self.g.create_dataset(name, data=array, dtype=dtype)
+
+    def put_raw(self, name: str, data: bytes, exists: bool) -> None:
+        array = np.frombuffer(data, dtype=np.uint8)
+        if exists and name in self.g:
+            del self.g[name]
+        self._create(name, array, guess_chunk(array.shape, None, 1), None)
+        self.g[name].attrs[RAW_ATTR] = True
+
+    def _create(self, name: str, array: np.ndarray, chunks: Any, fillvalue: Any) -> None:
+        if name in self.g:
+            del self.g[name]
+        kwargs: dict[str, Any] = {"data": array}
+        if chunks is not None:
+            kwargs["chunks"] = tuple(chunks)
+        if fillvalue is not None:
+            kwargs["fillvalue"] = fillvalue
+        self.g.create_dataset(name, **kwargs)
+
+    def set_attrs(self, path: str, data: bytes) -> None:
+        directory = posixpath.dirname(path)
+        try:
+            doc = json.loads(data or b"{}")
+            if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+                raise ValueError("expected {name: {attribute: value}}")
+            decoded = {name: {k: json_to_attr(v) for k, v in attrs.items()} for name, attrs in doc.items()}
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise CommitError(f"{path}: {e}") from None
+        group_h5 = self.target(directory)[0] if directory else ""
+        group = self.g[group_h5] if group_h5 else self.g
+        listed = {}
+        for shown, attrs in decoded.items():
+            if shown == ".":
+                listed["."] = attrs
+                continue
+            h5path, _ = self.target(posixpath.join(directory, shown) if directory else shown)
+            leaf = posixpath.basename(h5path)
+            for candidate in (leaf, _strip_ext(leaf)):
+                if candidate in group and isinstance(group[candidate], (h5py.Dataset,)) or (candidate in group and not isinstance(group[candidate], h5py.Group)):
+                    listed[candidate] = attrs
+                    break
+            else:
+                if leaf in group:
+                    listed[leaf] = attrs
+                else:
+                    log.warning("%s: no file %r here; its attributes are ignored", path, shown)
+        targets = {".": group} | {name: group[name] for name in group}
+        for key, obj in targets.items():
+            if key != "." and key not in listed and isinstance(obj, h5py.Group):
+                continue  # a subgroup's own .attrs.json says what it has
+            wanted = listed.get(key, {})
+            for attr in [a for a in obj.attrs.keys() if a not in INTERNAL_ATTRS and a not in wanted]:
+                del obj.attrs[attr]
+            for attr, value in wanted.items():
+                obj.attrs[attr] = value
+
+
+def json_to_attr(value: Any) -> Any:
+    """The inverse of hdf5.attr_to_json."""
+    if isinstance(value, dict):
+        if set(value) != {"dtype", "value"}:
+            raise ValueError(f"an attribute value cannot be an object: {value!r}")
+        spec, raw = value["dtype"], value["value"]
+        if spec == "bytes":
+            return str(raw).encode("utf-8")
+        dtype = np.dtype(ast.literal_eval(spec)) if spec.startswith("[") else np.dtype(spec)
+        if dtype.kind == "c":
+            raw = _complexify(raw)
+        if dtype.kind == "S":
+            raw = _bytesify(raw)
+        return np.array(raw if dtype.names is None else _tuplify(raw), dtype=dtype)
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int64(value)
+    if isinstance(value, float):
+        return np.float64(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+        return np.array([json_to_attr(v) for v in value])
+    raise ValueError(f"unsupported attribute value {value!r}")
+
+
+def _complexify(raw: Any) -> Any:
+    if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, (int, float)) for x in raw):
+        return complex(*raw)
+    return [_complexify(x) for x in raw]
+
+
+def _bytesify(raw: Any) -> Any:
+    return raw.encode("utf-8") if isinstance(raw, str) else [_bytesify(x) for x in raw]
+
+
+def _tuplify(raw: Any) -> Any:
+    if isinstance(raw, list) and raw and isinstance(raw[0], list):
+        return [tuple(x) for x in raw]
+    return tuple(raw)
+
+
+def _parse_npy(change: Change, data: bytes) -> np.ndarray | None:
+    """The array of a .npy file, or None if it is not one versionfs can store."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - any parse failure means "not .npy"
+        return None
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject:
+        return None
+    return np.ascontiguousarray(array)
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    # array_equal says NaN != NaN and -0.0 == 0.0; bytes decide.
+    return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def _chunks_of(ds: h5py.Dataset) -> tuple[int, ...] | None:
+    chunks = ds.attrs.get("chunks")
+    return tuple(int(c) for c in chunks) if chunks is not None else ds.chunks
+
+
+def _order(change: Change) -> tuple[int, int, str]:
+    # Deletions first (deepest first), then new directories (shallowest first), then files.
+    depth = change.path.count("/")
+    rank = {"delete": 0, "dir": 1, "file": 2}[change.kind]
+    return rank, -depth if rank == 0 else depth, change.path
+
+
+def _ref_h5path(ref: Any) -> str:
+    return ref if isinstance(ref, str) else ref.h5path
+
+
+def _ref_name(ref: Any) -> str:
+    return _ref_h5path(ref).rsplit("/", 1)[1]
+
+
+def _ref_kind(ref: Any) -> str | None:
+    return getattr(ref, "kind", None)
+
+
+def _strip_ext(leaf: str) -> str:
+    for ext in (".npy", ".txt"):
+        if leaf.endswith(ext):
+            return leaf[: -len(ext)]
+    return leaf
+
+
+def _renamed(h5path: str, leaf: str, kind: str | None) -> str:
+    """The dataset name for a renamed file: its new shown name minus the extension
+    its kind shows (a raw file keeps its whole name)."""
+    ext = {"npy": ".npy", "text": ".txt"}.get(kind or "")
+    return h5path[: -len(ext)] if ext and leaf.endswith(ext) else h5path

@@ -1,0 +1,314 @@
+"""Turning staging into the next version: what changed, conflicts, the commit.
+
+Backend-agnostic: the staged rows and the base tree give the candidate changes
+without reading data; contents are compared only where a file was rewritten
+(skip-if-unchanged); conflicts are checked against the latest version when
+staging's base is no longer the latest; the backend writes the version.
+
+Crash safety of staging around a commit: the new version's name is recorded
+before the backend commits and staging is emptied in one transaction after; a
+daemon that dies in between finds the record at start (``finish_interrupted``)
+and empties staging only if the version exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from .backends.base import Change, Dir, File, find
+from .errors import UserError
+from .namespace import Namespace
+from .selectors import parse
+from .staging import Overlay, Row, copy_into, join
+
+log = logging.getLogger(__name__)
+COMPARE_CHUNK = 8 << 20
+FIRST_VERSION = "__first_version__"
+EXIT_CONFLICT = 3
+
+
+class CommitRefused(UserError):
+    """The commit cannot be made as asked; staging is kept as it is."""
+
+    exit_code = 1
+
+
+class Conflict(CommitRefused):
+    exit_code = EXIT_CONFLICT
+
+    def __init__(self, base: str, latest: str, paths: list[str]):
+        lines = "\n".join(f"  {p}" for p in paths)
+        super().__init__(
+            f"conflict: changed in staging and also in {latest} since staging's base {base}:\n{lines}\n"
+            "staging is kept; discard it or undo those paths, then commit again"
+        )
+        self.paths = paths
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    code: str  # A, M or D
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.path}"
+
+
+# -- what changed -----------------------------------------------------------------
+def candidate_changes(rows: dict[str, Row], base: Dir, blob_path) -> list[Change]:
+    """Changes the staged rows describe, without reading any data."""
+    changes: list[Change] = []
+    for path in sorted(rows):
+        row = rows[path]
+        entry = find(base, path)
+        if row.kind == "deleted":
+            if entry is not None:
+                changes.append(Change(path, "delete"))
+        elif row.kind == "dir":
+            if isinstance(entry, File):
+                changes.append(Change(path, "delete"))
+            if not isinstance(entry, Dir) and path:
+                changes.append(Change(path, "dir"))
+            if row.opaque and isinstance(entry, Dir):
+                for name in entry.children:
+                    if join(path, name) not in rows:
+                        changes.append(Change(join(path, name), "delete"))
+        elif row.kind == "file":
+            if isinstance(entry, Dir):
+                changes.append(Change(path, "delete"))
+            if row.blob is not None:
+                changes.append(Change(path, "file", local=blob_path(row.blob)))
+            elif row.base_path is not None and row.base_path != path:
+                changes.append(Change(path, "file", base_path=row.base_path))
+    return changes
+
+
+def same_bytes(backend, entry: File, local: str) -> bool:
+    """Whether a local file holds exactly the bytes of a version's file (blocking)."""
+    size = os.path.getsize(local)
+    if entry.content is not None:
+        with open(local, "rb") as f:
+            return f.read() == entry.content
+    if entry.size is None:
+        entry.size = backend.file_size(entry.ref)
+    if size != entry.size:
+        return False
+    with open(local, "rb") as f:
+        for offset in range(0, size, COMPARE_CHUNK):
+            if f.read(COMPARE_CHUNK) != bytes(backend.read(entry.ref, offset, COMPARE_CHUNK)):
+                return False
+    return True
+
+
+def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
+    """Drop rewrites with identical content (blocking: reads data)."""
+    out = []
+    for change in changes:
+        entry = find(base, change.path)
+        if change.kind == "file" and change.local is not None and isinstance(entry, File):
+            if same_bytes(backend, entry, change.local):
+                continue
+        out.append(change)
+    return out
+
+
+def conflicts(backend, changes: list[Change], base: Dir, latest: Dir) -> list[str]:
+    """Paths changed in staging and also between base and latest (blocking)."""
+    found = []
+    for change in changes:
+        before, now = find(base, change.path), find(latest, change.path)
+        if not same_entry(backend, before, now):
+            found.append(change.path)
+    return found
+
+
+def same_entry(backend, a, b) -> bool:
+    if a is None or b is None or isinstance(a, Dir) or isinstance(b, Dir):
+        return type(a) is type(b)
+    if a.content is not None or b.content is not None:
+        return a.content == b.content
+    return backend.fingerprint(a.ref) == backend.fingerprint(b.ref)
+
+
+def status_lines(changes: list[Change], base: Dir) -> list[StatusLine]:
+    lines = []
+    for change in changes:
+        exists = find(base, change.path) is not None
+        if change.kind == "delete":
+            entry = find(base, change.path)
+            lines.append(StatusLine("D", change.path + ("/" if isinstance(entry, Dir) else "")))
+        elif change.kind == "dir":
+            lines.append(StatusLine("A", change.path + "/"))
+        else:
+            lines.append(StatusLine("M" if exists else "A", change.path))
+    return lines
+
+
+# -- names ------------------------------------------------------------------------
+def check_version_name(name: str, taken: set[str]) -> None:
+    if not name:
+        raise CommitRefused("a version name cannot be empty")
+    if "/" in name or "\0" in name:
+        raise CommitRefused(f"invalid version name {name!r}: no '/' or NUL")
+    if name.startswith(("@", ".")):
+        raise CommitRefused(f"invalid version name {name!r}: it cannot start with '@' or '.'")
+    if name == FIRST_VERSION:
+        raise CommitRefused(f"invalid version name {name!r}: reserved by the format")
+    if len(name.encode()) > 255:
+        raise CommitRefused("invalid version name: longer than 255 bytes")
+    if name in taken:
+        raise CommitRefused(f"a version named {name!r} already exists")
+
+
+def default_version_name(taken: set[str], now: dt.datetime | None = None) -> str:
+    """``2024-01-15T10:30:00Z``, with ``-2``, ``-3``… if that second is taken."""
+    base = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+# -- the operations the control channel offers -------------------------------------------
+class Committer:
+    """commit, status, discard and rollback for one mount."""
+
+    def __init__(self, ns: Namespace, overlay: Overlay):
+        self.ns, self.overlay = ns, overlay
+
+    async def _changes(self) -> tuple[list[Change], Dir]:
+        base = await self.overlay.base_tree()
+        store = self.overlay.store
+        candidates = candidate_changes(store.rows, base, store.blob_path)
+        return await self.ns.worker.run(real_changes, self.ns.backend, candidates, base), base
+
+    async def status(self) -> list[str]:
+        async with self.overlay.lock:
+            changes, base = await self._changes()
+        return [str(line) for line in status_lines(changes, base)]
+
+    async def discard(self) -> None:
+        async with self.overlay.lock:
+            self._refuse_open_writers()
+            info = self.ns.current_info()
+            self.overlay.reset(info.name if info else None)
+        self.ns.notify_changed()
+
+    def _refuse_open_writers(self) -> None:
+        if self.overlay.writers:
+            raise CommitRefused(f"{self.overlay.writers} file(s) in staging/ are open for writing; close them first")
+
+    async def commit(self, name: str | None = None, message: str | None = None) -> str | None:
+        """The new version's name, or None when staging equals the latest version."""
+        async with self.overlay.lock:
+            name = await self._commit_locked(name, message)
+        self.ns.notify_changed()
+        return name
+
+    async def _commit_locked(self, name: str | None, message: str | None) -> str | None:
+        self._refuse_open_writers()
+        if not self.overlay.changed:
+            return None  # nothing written: answered without reading any data
+        await self.ns.reload()
+        changes, base = await self._changes()
+        latest = self.ns.current_info()
+        latest_name = latest.name if latest else None
+        if not changes:
+            self.overlay.reset(latest_name)
+            return None
+        base_name = self.overlay.base_version
+        latest_tree = await self.ns.tree(latest_name) if latest_name else Dir(0)
+        if base_name != latest_name:
+            clashes = await self.ns.worker.run(conflicts, self.ns.backend, changes, base, latest_tree)
+            if clashes:
+                raise Conflict(str(base_name), str(latest_name), clashes)
+        taken = set(self.ns.by_name)
+        if name is None:
+            name = default_version_name(taken)
+        check_version_name(name, taken)
+        store = self.overlay.store
+        store.set_meta("committing", name)
+        await trio.to_thread.run_sync(store.sync)
+        try:
+            await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree)
+        except BaseException:
+            store.set_meta("committing", None)
+            raise
+        await self.ns.reload()
+        self.overlay.reset(name)  # also clears the "committing" record, atomically
+        await trio.to_thread.run_sync(store.sync)
+        log.info("committed version %s (%d changes)", name, len(changes))
+        return name
+
+    async def rollback(self, selector: str, name: str | None = None, message: str | None = None) -> str | None:
+        """Commit the content of the selected version as a new version (history is
+        never rewritten). Returns the new version's name, or None if unchanged."""
+        text = selector[1:] if selector.startswith("@") else selector
+        parsed = parse(text)
+        info = self.ns.index.resolve(parsed) if parsed else self.ns.by_name.get(text)
+        if info is None:
+            raise CommitRefused(f"no version matches {selector!r}")
+        async with self.overlay.lock:
+            if self.overlay.changed:
+                raise CommitRefused("staging has changes; commit or discard them first")
+            target = await self.ns.tree(info.name)
+            latest = self.ns.current_info()
+            current = await self.ns.tree(latest.name) if latest else Dir(0)
+            differences = await self.ns.worker.run(tree_difference, self.ns.backend, current, target)
+            await self._stage(differences)
+            name = await self._commit_locked(name, message or f"rollback to {info.name}")
+        self.ns.notify_changed()
+        return name
+
+    async def _stage(self, differences: list[tuple[str, str, File | None]]) -> None:
+        """Put the target version's side of each difference into staging."""
+        store = self.overlay.store
+        for kind, path, entry in differences:
+            if kind == "delete":
+                store.put(Row(path, "deleted"))
+            elif kind == "dir":
+                store.put(Row(path, "dir", opaque=True))
+            else:
+                blob = store.new_blob()
+                await copy_into(self.overlay, entry, store.blob_path(blob))
+                store.put(Row(path, "file", blob=blob))
+        self.overlay.touch()
+
+
+def tree_difference(backend, current: Dir, target: Dir, prefix: str = "") -> list[tuple[str, str, File | None]]:
+    """What makes ``current`` show what ``target`` shows: (kind, path, target entry).
+    Files with the same fingerprint are left alone (blocking)."""
+    out: list[tuple[str, str, File | None]] = []
+    for name, entry in current.children.items():
+        if name not in target.children or type(target.children[name]) is not type(entry):
+            out.append(("delete", join(prefix, name), None))
+    for name, entry in target.children.items():
+        path = join(prefix, name)
+        mine = current.children.get(name)
+        if isinstance(entry, Dir):
+            if not isinstance(mine, Dir):
+                out.append(("dir", path, None))
+            out += tree_difference(backend, mine if isinstance(mine, Dir) else Dir(0), entry, path)
+        elif (name != ".version.json" or prefix) and not same_entry(backend, mine, entry):
+            out.append(("file", path, entry))
+    return out
+
+
+def finish_interrupted(overlay: Overlay, versions: set[str]) -> None:
+    """At start: settle a commit the daemon died in (see the module docstring)."""
+    name = overlay.store.meta("committing")
+    if name is None:
+        return
+    if name in versions:
+        log.warning("the commit of %s completed before the daemon stopped: staging is now empty", name)
+        overlay.reset(name)
+    else:
+        log.warning("the commit of %s did not complete: staging is kept", name)
+        overlay.store.set_meta("committing", None)
+

@@ -1,0 +1,131 @@
+"""The control channel: how ``versionfs commit|status|discard|rollback`` reach
+the daemon of a mount.
+
+A Unix socket in a private runtime directory (mode 0700, owned by the mounting
+user); its path is published as the ``user.versionfs.control`` xattr of the
+mount's root. The daemon also checks the peer's uid (SO_PEERCRED): only the
+mounting user and root may use it. One JSON request per connection, one JSON
+answer: ``{"ok": true, "result": …}`` or ``{"ok": false, "error": …, "exit": N}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+XATTR_CONTROL = "user.versionfs.control"
+MAX_REQUEST = 1 << 20
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class ControlError(UserError):
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def socket_path(mountpoint: str) -> str:
+    """A short, private path (sun_path has 108 bytes) for a mount point's socket."""
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if uid == 0 else "/tmp")
+    directory = os.path.join(base, f"versionfs-{uid}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if st.st_uid != uid or st.st_mode & 0o077:
+        raise UserError(f"{directory}: must be a directory of yours with mode 0700")
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(directory, f"{digest}.sock")
+
+
+async def serve(path: str, handlers: dict[str, Handler], task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer requests on ``path`` until cancelled."""
+    if os.path.exists(path):
+        os.unlink(path)  # a previous daemon's, left by a crash
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_answer, conn, handlers)
+    finally:
+        sock.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _peer_uid(conn: trio.socket.SocketType) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+async def _answer(conn: trio.socket.SocketType, handlers: dict[str, Handler]) -> None:
+    stream = trio.SocketStream(conn)
+    async with stream:
+        try:
+            if _peer_uid(conn) not in (0, os.getuid()):
+                raise ControlError("permission denied: only the user who mounted it (or root) may control this mount")
+            request = json.loads(await _read_line(stream))
+            handler = handlers.get(request.get("op"))
+            if handler is None:
+                raise ControlError(f"unknown request {request.get('op')!r}")
+            answer = {"ok": True, "result": await handler(**request.get("args", {}))}
+        except UserError as e:
+            answer = {"ok": False, "error": str(e), "exit": getattr(e, "exit_code", 1)}
+        except Exception as e:  # noqa: BLE001 - the daemon outlives any request
+            log.exception("control request failed")
+            answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit": 1}
+        try:
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+        except trio.BrokenResourceError:
+            pass
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ControlError("request too large")
+    return data
+
+
+def request(mountpoint: str, op: str, **args: Any) -> Any:
+    """Send one request to the daemon of ``mountpoint``; its result, or ControlError."""
+    try:
+        path = os.fsdecode(os.getxattr(mountpoint, XATTR_CONTROL))
+    except OSError:
+        raise ControlError(f"{mountpoint}: not a versionfs mount with staging") from None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise ControlError(f"{mountpoint}: the daemon does not answer ({e.strerror})") from None
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        with sock.makefile("rb") as answers:
+            line = answers.readline()
+    if not line:
+        raise ControlError(f"{mountpoint}: the daemon closed the connection")
+    answer = json.loads(line)
+    if not answer["ok"]:
+        raise ControlError(answer["error"], answer.get("exit", 1))
+    return answer["result"]

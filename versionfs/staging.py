@@ -1,0 +1,642 @@
+"""``staging/``: a writable overlay over one version, kept on local disk.
+
+The base version is below; the *spool* is above: a SQLite table of staged
+entries (``Row``) plus one blob file per staged file content, in the state
+directory. A path's staged row wins over the base: ``file`` (content in a blob,
+or in the base file at ``base_path`` for a rename or a metadata-only change),
+``dir`` (``opaque`` hides the base's entries below it), or ``deleted`` (a
+whiteout). Unchanged files are read from the base; the first write copies a file
+up into a blob.
+
+Durability: rows are committed to SQLite (WAL) as each operation ends and blobs
+are written with pwrite, so a closed file survives ``kill -9`` and a clean
+reboot; ``fsync`` also fsyncs the blob and the database. Nothing here knows
+HDF5 or S3: the backend only sees the base tree and, at commit, the changes.
+
+Inodes follow objects, not paths: a live node is found again by path through
+``Overlay.live`` and renames move it, so the kernel's view stays right.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+import stat as stat_mod
+import time
+import uuid
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from itertools import count
+from typing import TYPE_CHECKING, Iterator
+
+import trio
+
+from .backends.base import Dir, File, find
+from .errors import FsError, enoent
+from .namespace import Attr, Handle, Node, SHORT_TTL
+
+if TYPE_CHECKING:
+    from .namespace import Namespace
+
+log = logging.getLogger(__name__)
+FILE_MODE, DIR_MODE = 0o644, 0o755
+COPY_CHUNK = 8 << 20
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+READ_ONLY_NAMES = frozenset({".version.json"})  # generated at a version's root; never staged
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    kind: str  # "file" | "dir" | "deleted"
+    blob: str | None = None
+    base_path: str | None = None
+    mtime_ns: int | None = None
+    mode: int | None = None
+    opaque: bool = False
+
+
+class Store:
+    """The persistent spool: rows in SQLite, contents in blob files."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.blobs = os.path.join(directory, "blobs")
+        os.makedirs(self.blobs, mode=0o700, exist_ok=True)
+        self.db_path = os.path.join(directory, "staging.sqlite")
+        self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS entries (path TEXT PRIMARY KEY, kind TEXT NOT NULL, blob TEXT,"
+            " base_path TEXT, mtime_ns INTEGER, mode INTEGER, opaque INTEGER NOT NULL DEFAULT 0)"
+        )
+        self.rows: dict[str, Row] = {}
+        self.children: dict[str, set[str]] = {}
+        for values in self.db.execute("SELECT path, kind, blob, base_path, mtime_ns, mode, opaque FROM entries"):
+            self._index(Row(*values[:6], opaque=bool(values[6])))
+        self._collect_garbage()
+
+    # -- rows ---------------------------------------------------------------
+    def _index(self, row: Row) -> None:
+        self.rows[row.path] = row
+        parent, name = split(row.path)
+        self.children.setdefault(parent, set()).add(name)
+
+    def _unindex(self, path: str) -> None:
+        if self.rows.pop(path, None) is not None:
+            parent, name = split(path)
+            names = self.children.get(parent)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self.children[parent]
+
+    def put(self, row: Row) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.path, row.kind, row.blob, row.base_path, row.mtime_ns, row.mode, int(row.opaque)),
+        )
+        self._index(row)
+
+    def remove(self, path: str) -> None:
+        self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+        self._unindex(path)
+
+    def subtree(self, path: str) -> list[Row]:
+        """Rows at ``path`` and below it ('' = everything)."""
+        return [r for p, r in self.rows.items() if not path or under(p, path)]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Several changes, atomically (no await inside: trio tasks cannot interleave)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._reload()
+            raise
+        self.db.execute("COMMIT")
+
+    def _reload(self) -> None:
+        self.rows.clear()
+        self.children.clear()
+        for values in self.db.execute("SELECT path, kind, blob, base_path, mtime_ns, mode, opaque FROM entries"):
+            self._index(Row(*values[:6], opaque=bool(values[6])))
+
+    # -- meta -----------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- blobs -----------------------------------------------------------------
+    def blob_path(self, blob: str) -> str:
+        return os.path.join(self.blobs, blob)
+
+    def new_blob(self) -> str:
+        blob = uuid.uuid4().hex
+        os.close(os.open(self.blob_path(blob), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return blob
+
+    def drop_blob(self, blob: str | None) -> None:
+        if blob is not None and not any(r.blob == blob for r in self.rows.values()):
+            try:
+                os.unlink(self.blob_path(blob))
+            except FileNotFoundError:
+                pass
+
+    def clear(self) -> None:
+        """Forget every staged change (one transaction), then remove the blobs."""
+        blobs = [r.blob for r in self.rows.values() if r.blob]
+        self.db.execute("DELETE FROM entries")
+        self.rows.clear()
+        self.children.clear()
+        for blob in blobs:
+            self.drop_blob(blob)
+
+    def _collect_garbage(self) -> None:
+        used = {r.blob for r in self.rows.values() if r.blob}
+        for name in os.listdir(self.blobs):
+            if name not in used:
+                os.unlink(self.blob_path(name))
+
+    def sync(self) -> None:
+        """Make every committed row durable against power loss (blocking)."""
+        for path in (self.db_path + "-wal", self.db_path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _local_errors(fn):
+    """Local disk errors (ENOSPC, EDQUOT, ...) reach the caller as their errno."""
+
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as e:
+            raise FsError(e.errno or errno.EIO, str(e)) from None
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class Overlay:
+    """The staging area of one mount: the store, its base version, live nodes."""
+
+    def __init__(self, ns: "Namespace", directory: str):
+        self.ns = ns
+        self.store = Store(directory)
+        self.epoch = 0  # bumped when staging is replaced wholesale (commit, discard)
+        self.live: weakref.WeakValueDictionary[str, StagingNode] = weakref.WeakValueDictionary()
+        self.writers = 0  # open writable handles
+        self.last_change = time.monotonic()
+        self.lock = trio.Lock()  # held by commit/discard: changes wait for it
+        self._serial = count(1)
+
+    # -- base ----------------------------------------------------------------
+    @property
+    def base_version(self) -> str | None:
+        return self.store.meta("base")
+
+    async def base_tree(self) -> Dir:
+        base = self.base_version
+        if base is None or base not in self.ns.by_name:
+            info = self.ns.current_info()
+            base = info.name if info else None
+            self.store.set_meta("base", base)
+        return await self.ns.tree(base) if base else Dir(mtime_ns=self.ns.newest_mtime_ns())
+
+    def reset(self, base: str | None) -> None:
+        """Empty staging on top of ``base`` (after a commit or a discard), and
+        drop the record of a commit in progress, in one transaction."""
+        with self.store.transaction():
+            self.store.clear()
+            self.store.set_meta("base", base)
+            self.store.set_meta("committing", None)
+        self.epoch += 1
+        self.live = weakref.WeakValueDictionary()
+        self.touch()
+
+    def touch(self) -> None:
+        self.last_change = time.monotonic()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.store.rows)
+
+    # -- resolution --------------------------------------------------------------
+    async def resolve(self, path: str) -> tuple[Row | None, File | Dir | None]:
+        """(staged row at ``path``, base entry visible there). Both None: absent.
+        A file row shows its own content (a blob, or the base file at base_path)."""
+        base: File | Dir | None = await self.base_tree()
+        row = self.store.rows.get("")
+        parts = path.split("/") if path else []
+        for i, name in enumerate(parts):
+            base = base.children.get(name) if isinstance(base, Dir) else None
+            row = self.store.rows.get("/".join(parts[: i + 1]))
+            if row is None:
+                if base is None:
+                    return None, None
+            elif row.kind == "deleted" or (row.kind == "file" and i < len(parts) - 1):
+                return None, None
+            elif row.kind == "file" or row.opaque or isinstance(base, File):
+                base = None  # the row alone says what is here
+        return row, base
+
+    async def base_file(self, row: Row | None, path: str) -> File | None:
+        """The base file whose bytes ``path`` shows (renames point elsewhere)."""
+        source = row.base_path if row is not None and row.base_path is not None else path
+        entry = find(await self.base_tree(), source)
+        return entry if isinstance(entry, File) else None
+
+    async def node(self, path: str) -> "StagingNode":
+        row, base = await self.resolve(path)
+        is_dir = (row.kind == "dir") if row is not None else isinstance(base, Dir)
+        if row is None and base is None and path:
+            raise enoent()
+        node = self.live.get(path)
+        if node is None or node.is_dir != is_dir:
+            node = (StagingDir if is_dir or not path else StagingFile)(self, path, next(self._serial))
+            self.live[path] = node
+        return node
+
+    async def listing(self, path: str) -> dict[str, bool]:
+        """name -> is_dir for the directory at ``path``."""
+        row, base = await self.resolve(path)
+        names: dict[str, bool] = {}
+        if isinstance(base, Dir) and not (row is not None and row.opaque):
+            names = {n: isinstance(e, Dir) for n, e in base.children.items()}
+        for name in self.store.children.get(path, ()):
+            child = self.store.rows[join(path, name)]
+            if child.kind == "deleted":
+                names.pop(name, None)
+            else:
+                names[name] = child.kind == "dir"
+        return names
+
+    def moved(self, old: str, new: str) -> None:
+        """Live nodes at ``old`` and below now live at ``new``."""
+        for path, node in list(self.live.items()):
+            if under(path, old):
+                del self.live[path]
+                node.path = new + path[len(old) :]
+                self.live[node.path] = node
+
+
+class StagingNode(Node):
+    ttl = SHORT_TTL
+    keep_cache = False
+
+    def __init__(self, overlay: Overlay, path: str, serial: int):
+        self.overlay, self.path = overlay, path
+        self.epoch = overlay.epoch
+        self.key = ("staging", serial)
+
+    def _check(self) -> None:
+        if self.epoch != self.overlay.epoch:
+            raise FsError(errno.ESTALE)  # staging was committed or discarded since
+
+    async def make_special(self, name: str, kind: str) -> Node:
+        raise FsError(errno.EPERM, f"{kind}s are not supported in staging")
+
+    async def setxattr(self, name: str, value: bytes) -> None:
+        raise FsError(errno.ENOTSUP, "extended attributes are not stored")
+
+    @_local_errors
+    async def setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+        self._check()
+        async with self.overlay.lock:
+            await self._setattr(size, mtime_ns, mode)
+            self.overlay.touch()
+
+    async def _setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+        raise NotImplementedError
+
+
+class StagingFile(StagingNode):
+    is_dir = False
+
+    async def attr(self) -> Attr:
+        self._check()
+        row, _ = await self.overlay.resolve(self.path)
+        if row is not None and row.blob is not None:
+            st = os.stat(self.overlay.store.blob_path(row.blob))
+            return Attr(False, st.st_size, st.st_mtime_ns, stat_mod.S_IMODE(st.st_mode))
+        base = await self.overlay.base_file(row, self.path)
+        if base is None:
+            raise enoent()
+        size = await self.overlay.ns.file_size(base)
+        mtime = row.mtime_ns if row is not None and row.mtime_ns is not None else base.mtime_ns
+        mode = row.mode if row is not None and row.mode is not None else self._default_mode()
+        return Attr(False, size, mtime, mode)
+
+    def _default_mode(self) -> int:
+        return 0o444 if self.path in READ_ONLY_NAMES else FILE_MODE
+
+    @_local_errors
+    async def open(self, flags: int) -> Handle:
+        self._check()
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if not writing:
+            row, _ = await self.overlay.resolve(self.path)
+            if row is not None and row.blob is not None:
+                return BlobHandle(self.overlay, self.overlay.store.blob_path(row.blob), os.O_RDONLY)
+            base = await self.overlay.base_file(row, self.path)
+            if base is None:
+                raise enoent()
+            return await self.overlay.ns.open_file(base)
+        if self.path in READ_ONLY_NAMES:
+            raise FsError(errno.EACCES, "generated file")
+        async with self.overlay.lock:
+            blob = await self._copy_up(truncate=bool(flags & os.O_TRUNC))
+            self.overlay.touch()
+        return BlobHandle(self.overlay, self.overlay.store.blob_path(blob), os.O_RDWR)
+
+    async def _copy_up(self, truncate: bool = False) -> str:
+        """Make sure this file's content is in a blob of its own; return the blob."""
+        overlay, store = self.overlay, self.overlay.store
+        row, _ = await overlay.resolve(self.path)
+        if row is not None and row.blob is not None:
+            if truncate:
+                os.truncate(store.blob_path(row.blob), 0)
+            return row.blob
+        base = await overlay.base_file(row, self.path)
+        if base is None:
+            raise enoent()
+        blob = store.new_blob()
+        path = store.blob_path(blob)
+        if not truncate:
+            await copy_into(overlay, base, path)
+        mtime = row.mtime_ns if row is not None and row.mtime_ns is not None else base.mtime_ns
+        os.chmod(path, row.mode if row is not None and row.mode is not None else FILE_MODE)
+        os.utime(path, ns=(mtime, mtime))
+        store.put(Row(self.path, "file", blob=blob))
+        return blob
+
+    async def _setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+        store = self.overlay.store
+        if self.path in READ_ONLY_NAMES:
+            raise FsError(errno.EACCES, "generated file")
+        if size is not None:
+            blob = await self._copy_up(truncate=size == 0)
+            os.truncate(store.blob_path(blob), size)
+        row, _ = await self.overlay.resolve(self.path)
+        if row is not None and row.blob is not None:
+            path = store.blob_path(row.blob)
+            if mode is not None:
+                os.chmod(path, stat_mod.S_IMODE(mode))
+            if mtime_ns is not None:
+                os.utime(path, ns=(os.stat(path).st_atime_ns, mtime_ns))
+            return
+        if mtime_ns is None and mode is None:
+            return
+        row = row or Row(self.path, "file", base_path=self.path)
+        store.put(replace(
+            row,
+            mtime_ns=mtime_ns if mtime_ns is not None else row.mtime_ns,
+            mode=stat_mod.S_IMODE(mode) if mode is not None else row.mode,
+        ))
+
+
+async def copy_into(overlay: Overlay, base: File, path: str) -> None:
+    """Copy a base file's bytes into a local file, a large piece per worker call."""
+    handle = await overlay.ns.open_file(base)
+    size = await overlay.ns.file_size(base)
+    with open(path, "r+b") as out:
+        for offset in range(0, size, COPY_CHUNK):
+            out.write(await handle.read(offset, COPY_CHUNK))
+    await handle.release()
+
+
+class StagingDir(StagingNode):
+    is_dir = True
+
+    async def attr(self) -> Attr:
+        self._check()
+        row, base = await self.overlay.resolve(self.path)
+        if row is None and base is None and self.path:
+            raise enoent()
+        mtime = row.mtime_ns if row is not None and row.mtime_ns is not None else None
+        if mtime is None:
+            mtime = base.mtime_ns if base is not None else self.overlay.ns.newest_mtime_ns()
+        mode = row.mode if row is not None and row.mode is not None else DIR_MODE
+        return Attr(True, 0, mtime, mode, nlink=2)
+
+    def xattrs(self) -> dict[str, bytes]:
+        return {}
+
+    async def lookup(self, name: str) -> Node:
+        self._check()
+        return await self.overlay.node(join(self.path, name))
+
+    async def children(self) -> list[tuple[str, Node]]:
+        self._check()
+        listing = await self.overlay.listing(self.path)
+        return [(name, await self.overlay.node(join(self.path, name))) for name in sorted(listing)]
+
+    async def _absent(self, name: str) -> str:
+        path = join(self.path, name)
+        row, base = await self.overlay.resolve(path)
+        if row is not None or base is not None:
+            raise FsError(errno.EEXIST)
+        return path
+
+    async def _base_has(self, path: str) -> bool:
+        """Whether the base still shows something at ``path`` (so removal needs a whiteout)."""
+        parent, name = split(path)
+        row, base = await self.overlay.resolve(parent)
+        if row is not None and row.opaque:
+            return False
+        return isinstance(base, Dir) and name in base.children
+
+    @_local_errors
+    async def create(self, name: str, mode: int) -> tuple[Node, Handle]:
+        self._check()
+        if not self.path and name in READ_ONLY_NAMES:
+            raise FsError(errno.EACCES)
+        async with self.overlay.lock:
+            path = await self._absent(name)
+            store = self.overlay.store
+            blob = store.new_blob()
+            os.chmod(store.blob_path(blob), stat_mod.S_IMODE(mode) or FILE_MODE)
+            store.put(Row(path, "file", blob=blob))
+            self.overlay.touch()
+        node = await self.overlay.node(path)
+        return node, BlobHandle(self.overlay, store.blob_path(blob), os.O_RDWR)
+
+    @_local_errors
+    async def mkdir(self, name: str, mode: int) -> Node:
+        self._check()
+        async with self.overlay.lock:
+            path = join(self.path, name)
+            previous = self.overlay.store.rows.get(path)
+            await self._absent(name)
+            # A directory made where a deleted one was must not show the old contents.
+            opaque = previous is not None and previous.kind == "deleted"
+            self.overlay.store.put(Row(path, "dir", mode=stat_mod.S_IMODE(mode) or DIR_MODE, mtime_ns=time.time_ns(), opaque=opaque))
+            self.overlay.touch()
+        return await self.overlay.node(path)
+
+    @_local_errors
+    async def unlink(self, name: str) -> None:
+        self._check()
+        async with self.overlay.lock:
+            path = join(self.path, name)
+            if (await self.overlay.node(path)).is_dir:
+                raise FsError(errno.EISDIR)
+            if not self.path and name in READ_ONLY_NAMES:
+                raise FsError(errno.EACCES)
+            await self._remove(path)
+            self.overlay.touch()
+
+    @_local_errors
+    async def rmdir(self, name: str) -> None:
+        self._check()
+        async with self.overlay.lock:
+            path = join(self.path, name)
+            if not (await self.overlay.node(path)).is_dir:
+                raise FsError(errno.ENOTDIR)
+            if await self.overlay.listing(path):
+                raise FsError(errno.ENOTEMPTY)
+            await self._remove(path)
+            self.overlay.touch()
+
+    async def _remove(self, path: str) -> None:
+        store = self.overlay.store
+        whiteout = await self._base_has(path)
+        rows = store.subtree(path)
+        with store.transaction():
+            for row in rows:
+                store.remove(row.path)
+            if whiteout:
+                store.put(Row(path, "deleted"))
+        for row in rows:
+            store.drop_blob(row.blob)
+        self.overlay.live.pop(path, None)
+
+    @_local_errors
+    async def rename(self, name: str, new_parent: Node, new_name: str, flags: int) -> None:
+        self._check()
+        if not isinstance(new_parent, StagingDir):
+            raise FsError(errno.EXDEV)
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        src, dst = join(self.path, name), join(new_parent.path, new_name)
+        if src == dst:
+            return
+        if under(dst, src):
+            raise FsError(errno.EINVAL)
+        if READ_ONLY_NAMES & {p for p in (src, dst) if "/" not in p}:
+            raise FsError(errno.EACCES)
+        async with self.overlay.lock:
+            node = await self.overlay.node(src)
+            try:
+                target = await self.overlay.node(dst)
+            except FsError:
+                target = None
+            if target is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                if node.is_dir and not target.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if not node.is_dir and target.is_dir:
+                    raise FsError(errno.EISDIR)
+                if target.is_dir and await self.overlay.listing(dst):
+                    raise FsError(errno.ENOTEMPTY)
+            rows = await self._moved_rows(src, dst)
+            store = self.overlay.store
+            replaced = store.subtree(dst) if target is not None else []
+            whiteout_src = await self._base_has(src)
+            with store.transaction():
+                for row in replaced:
+                    store.remove(row.path)
+                for row in store.subtree(src):
+                    store.remove(row.path)
+                if whiteout_src:
+                    store.put(Row(src, "deleted"))
+                for row in rows:  # moved directories are opaque: rows spell them out
+                    store.put(row)
+            for row in replaced:
+                store.drop_blob(row.blob)
+            self.overlay.live.pop(dst, None)
+            self.overlay.moved(src, dst)
+            self.overlay.touch()
+
+    async def _moved_rows(self, src: str, dst: str) -> list[Row]:
+        """The rows that make ``dst`` show what ``src`` shows now."""
+        overlay = self.overlay
+        row, base = await overlay.resolve(src)
+        if row is not None and row.kind == "file":
+            return [replace(row, path=dst)]
+        if row is None and isinstance(base, File):
+            return [Row(dst, "file", base_path=src)]
+        # A directory: spell out everything below it (base entries become references).
+        out = [Row(dst, "dir", mtime_ns=row.mtime_ns if row else base.mtime_ns, mode=row.mode if row else None, opaque=True)]
+        for name, is_dir in (await overlay.listing(src)).items():
+            out += await self._moved_rows(join(src, name), join(dst, name))
+        return out
+
+
+class BlobHandle(Handle):
+    """An open staged file: reads and writes go to its blob with pread/pwrite on
+    the trio loop (page-cache copies); only fsync leaves the loop."""
+
+    def __init__(self, overlay: Overlay, path: str, flags: int):
+        self.overlay = overlay
+        self.fd = os.open(path, flags)
+        self.writable = flags != os.O_RDONLY
+        if self.writable:
+            overlay.writers += 1
+
+    @_local_errors
+    async def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    @_local_errors
+    async def write(self, offset: int, data: bytes) -> int:
+        written = os.pwrite(self.fd, data, offset)
+        self.overlay.touch()
+        return written
+
+    @_local_errors
+    async def fsync(self) -> None:
+        await trio.to_thread.run_sync(os.fsync, self.fd)
+        await trio.to_thread.run_sync(self.overlay.store.sync)
+
+    async def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if self.writable:
+                self.overlay.writers -= 1
+                self.overlay.touch()
