@@ -113,7 +113,7 @@ def test_attributes_and_version_json(zmnt):
 
 
 def test_layout_listing_and_times(zmnt):
-    assert os.listdir(zmnt.path) == ["latest", "versions"]
+    assert os.listdir(zmnt.path) == ["latest", "versions", "staging"]
     assert os.listdir(zmnt.path / "versions") == ["__first_version__", "v1", "v2", "v3"]  # oldest first
     for version, when in zip(VERSIONS, zoo.TIMES):
         st = os.stat(zmnt.path / "versions" / version)

@@ -452,8 +452,16 @@ class StagingDir(StagingNode):
         mode = row.mode if row is not None and row.mode is not None else DIR_MODE
         return Attr(True, 0, mtime, mode, nlink=2)
 
-    def xattrs(self) -> dict[str, bytes]:
-        return {}
+    async def _setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+        if size is not None:
+            raise FsError(errno.EISDIR)
+        row, _ = await self.overlay.resolve(self.path)
+        row = row or Row(self.path, "dir")  # a base directory: a row just for its attributes
+        self.overlay.store.put(replace(
+            row,
+            mtime_ns=mtime_ns if mtime_ns is not None else row.mtime_ns,
+            mode=stat_mod.S_IMODE(mode) if mode is not None else row.mode,
+        ))
 
     async def lookup(self, name: str) -> Node:
         self._check()
