@@ -117,14 +117,26 @@ def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
     return out
 
 
-def conflicts(backend, changes: list[Change], base: Dir, latest: Dir) -> list[str]:
-    """Paths changed in staging and also between base and latest (blocking)."""
-    found = []
+def rebase(backend, changes: list[Change], base: Dir, latest: Dir) -> tuple[list[Change], list[str]]:
+    """Changes to apply on top of latest, and the paths that conflict: changed in
+    staging and also between base and latest, to something else (blocking)."""
+    kept, clashes = [], []
     for change in changes:
         before, now = find(base, change.path), find(latest, change.path)
-        if not same_entry(backend, before, now):
-            found.append(change.path)
-    return found
+        if same_entry(backend, before, now):
+            kept.append(change)
+        elif not already_in(backend, change, now):
+            clashes.append(change.path)
+    return kept, clashes
+
+
+def already_in(backend, change: Change, entry) -> bool:
+    """Whether latest already shows what this change would make (both sides agree)."""
+    if change.kind == "delete":
+        return entry is None
+    if change.kind == "dir":
+        return isinstance(entry, Dir)
+    return isinstance(entry, File) and change.local is not None and same_bytes(backend, entry, change.local)
 
 
 def same_entry(backend, a, b) -> bool:
@@ -225,9 +237,12 @@ class Committer:
         base_name = self.overlay.base_version
         latest_tree = await self.ns.tree(latest_name) if latest_name else Dir(0)
         if base_name != latest_name:
-            clashes = await self.ns.worker.run(conflicts, self.ns.backend, changes, base, latest_tree)
+            changes, clashes = await self.ns.worker.run(rebase, self.ns.backend, changes, base, latest_tree)
             if clashes:
                 raise Conflict(str(base_name), str(latest_name), clashes)
+            if not changes:
+                self.overlay.reset(latest_name)
+                return None
         taken = set(self.ns.by_name)
         if name is None:
             name = default_version_name(taken)
