@@ -148,13 +148,13 @@ class _Writer:
                 # A rename: copy the dataset as it is (same dtype, chunks, attributes).
                 self.copy_dataset(_ref_h5path(source.ref), _renamed(h5path, leaf, _ref_kind(source.ref)))
                 return
-        data = self.content(change)
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
-            array = _parse_npy(change, data)
+            array = _load_npy(change.local) if change.local is not None else _parse_npy(self.content(change))
             if array is not None:
                 return self.put_array(h5path if kind else h5path[: -len(".npy")], array, change.path, exists=kind is not None)
             if kind:
                 raise CommitError(f"{change.path}: not a valid .npy file (it replaces dataset /{h5path})")
+        data = self.content(change)
         if kind == "text" or (kind is None and leaf.endswith(".txt")):
             values = npy.text_values(data)
             if npy.text_bytes(values) == data:
@@ -316,8 +316,22 @@ def _tuplify(raw: Any) -> Any:
     return tuple(raw)
 
 
-def _parse_npy(change: Change, data: bytes) -> np.ndarray | None:
-    """The array of a .npy file, or None if it is not one versionfs can store."""
+def _load_npy(path: str) -> np.ndarray | None:
+    """The array of a local .npy file, memory-mapped (large files are not read
+    into memory); None if it is not one versionfs can store."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # an empty array cannot be mapped
+        with open(path, "rb") as f:
+            return _parse_npy(f.read())
+    except Exception:  # noqa: BLE001 - any parse failure means "not .npy"
+        return None
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject or array.dtype.names is None and array.dtype.kind == "V":
+        return None
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _parse_npy(data: bytes) -> np.ndarray | None:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception:  # noqa: BLE001 - any parse failure means "not .npy"
