@@ -183,18 +183,25 @@ class _Writer:
         if array.ndim == 0:
             ds[()] = array[()]
             return
-        # Write only the slabs that differ, a whole number of chunk rows at a time:
-        # the library then hashes and stores just the changed chunks.
-        chunk0 = int(ds.attrs.get("chunks", [1])[0]) if "chunks" in ds.attrs else 1
+        # Compare with the parent version a slab at a time and write only the chunk
+        # rows that differ (bytes decide: NaN and -0.0 count as they are stored):
+        # the library then hashes and stores just those chunks.
+        chunk0 = int(ds.attrs["chunks"][0]) if "chunks" in ds.attrs else 1
         row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
         step = max(chunk0, (SLAB_BYTES // row_bytes) // chunk0 * chunk0)
         old = self.prev_group.get(name)
+        comparable = isinstance(old, h5py.Dataset) and old.dtype == array.dtype and old.shape[1:] == array.shape[1:]
         for start in range(0, array.shape[0], step):
-            new = np.asarray(array[start : start + step])
-            if isinstance(old, h5py.Dataset) and old.shape[1:] == array.shape[1:] and start + len(new) <= old.shape[0]:
-                if np.array_equal(old[start : start + len(new)], new, equal_nan=False) and _same_bytes(old[start : start + len(new)], new):
-                    continue
-            ds[start : start + len(new)] = new
+            new = np.ascontiguousarray(array[start : start + step])
+            stop = start + len(new)
+            if not comparable or stop > old.shape[0] or not new.size:
+                ds[start:stop] = new
+                continue
+            before = np.ascontiguousarray(old[start:stop])
+            differs = (before.view(np.uint8).reshape(len(new), -1) != new.view(np.uint8).reshape(len(new), -1)).any(axis=1)
+            for row in range(0, len(new), chunk0):
+                if differs[row : row + chunk0].any():
+                    ds[start + row : start + min(row + chunk0, len(new))] = new[row : row + chunk0]
 
     def put_text(self, name: str, values: list[bytes], shown: str, exists: bool) -> None:
         try:
