@@ -42,13 +42,23 @@ BIG_VERSION = "v1"
 BIG_H5PATH = f"_version_data/versions/{BIG_VERSION}/big"  # what versioned-hdf5 reads for a read-only file
 READ_BUFFER = 1 * MiB  # like cp
 
+# The commit benchmark's change to that dataset: one element in every 100th chunk (1%).
+COMMIT_STRIDE = 100
+COMMIT_NAME = "v2"
+CLI_RUNS = 3  # unchanged commits and `--version` runs per repetition
+
+
+UNIT_RATIO = {"MiB/s": "speed", "ms": "time", "MiB": "size"}  # what a row's ratio compares
+
 
 @dataclass
 class Row:
     measurement: str
-    mib_s: float
-    ratio: float | None  # to this benchmark's reference (None: is the reference)
+    value: float  # a median, in ``unit``
+    ratio: float | None  # value / this benchmark's reference value (None: no ratio, informative)
     goal: str
+    unit: str = "MiB/s"  # a key of UNIT_RATIO
+    reference: bool = False  # this row is the benchmark's reference
 
 
 @dataclass
@@ -94,14 +104,20 @@ def read_sequentially(path: str | Path, digest: "hashlib._Hash | None" = None) -
     return total
 
 
-def proc_counters(pid: int) -> tuple[int, float]:
-    """(bytes the process read via syscalls, CPU seconds used) so far."""
+def proc_io(pid: int) -> tuple[int, int, float]:
+    """(bytes the process read, bytes it wrote, both via syscalls, CPU seconds used) so far."""
     with open(f"/proc/{pid}/io") as f:
         io = dict(line.split(": ") for line in f.read().splitlines())
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(") ", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    return int(io["rchar"]), cpu
+    return int(io["rchar"]), int(io["wchar"]), cpu
+
+
+def proc_counters(pid: int) -> tuple[int, float]:
+    """(bytes the process read via syscalls, CPU seconds used) so far."""
+    rchar, _, cpu = proc_io(pid)
+    return rchar, cpu
 
 
 def machine_line() -> str:
@@ -117,6 +133,26 @@ def machine_line() -> str:
 def versionfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     # ``python -m versionfs`` from this interpreter: works from .venv and /tmp/venv alike.
     return subprocess.run([sys.executable, "-m", "versionfs", *args], capture_output=True, text=True, check=check)
+
+
+def timed_versionfs(*args: str, expect: str | None = None) -> float:
+    """Seconds one ``versionfs`` command takes, start-up of the CLI included; its
+    output must be ``expect`` (when given)."""
+    t0 = time.perf_counter()
+    r = versionfs(*args, check=False)
+    t = time.perf_counter() - t0
+    if r.returncode != 0 or (expect is not None and r.stdout.strip() != expect):
+        raise RuntimeError(f"versionfs {' '.join(args)}: exit {r.returncode}, {r.stdout.strip()!r} {r.stderr.strip()!r}")
+    return t
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="versionfs-bench-copy-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -183,13 +219,18 @@ def ensure_big_file() -> Path:
     return BIG_FILE
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the data) of an open .npy file."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    return shape, fortran, dtype, f.tell()
+
+
 def verify_npy(path: Path, expected: np.ndarray) -> None:
     """The file is numpy's .npy of ``expected``: header fields, size, data bytes."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        header_len = f.tell()
+        shape, fortran, dtype, header_len = read_npy_header(f)
         assert (shape, fortran, dtype) == (expected.shape, False, expected.dtype), (shape, fortran, dtype)
         assert os.fstat(f.fileno()).st_size == header_len + expected.nbytes, "st_size is not header + data"
         got = hashlib.sha256()
@@ -251,7 +292,7 @@ def bench_read(ctx: Context) -> Result:
     suffix = "" if dropped else " (cache not dropped)"
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
     rows = [
-        Row(f"h5py direct read of the dataset, cold{suffix} — reference", ref, None, "—"),
+        Row(f"h5py direct read of the dataset, cold{suffix} — reference", ref, None, "—", reference=True),
         Row(f"plain sequential read of the .h5 file, cold{suffix} (disk ceiling)", disk_s, disk_s / ref, "— (informative)"),
         Row(f"versionfs `latest/big.npy`, cold, 1 MiB `readinto`{suffix}", cold_s, cold_s / ref, f"≥ 0.8 ({met(cold_s >= 0.8 * ref)})"),
         Row(f"versionfs `latest/big.npy`, cold, `cat > /dev/null`{suffix}", cat_s, cat_s / ref, "≥ 0.8 (informative)"),
@@ -275,8 +316,159 @@ def bench_read(ctx: Context) -> Result:
     return Result(setup, rows, notes)
 
 
+def commit_change() -> tuple[np.ndarray, np.ndarray]:
+    """The 1% change: (element indices, new values); one element in the middle of
+    every COMMIT_STRIDE-th chunk, starting half a stride in (so neither the first nor
+    the last chunk: a compare that stops at the first difference gets no head start),
+    set to values far outside the N(0, 1) data."""
+    chunks = np.arange(COMMIT_STRIDE // 2, BIG_ELEMENTS // BIG_CHUNK, COMMIT_STRIDE)
+    return chunks * BIG_CHUNK + BIG_CHUNK // 2, 1000.5 + np.arange(len(chunks), dtype=np.float64)
+
+
+def edit_npy_in_place(path: Path, idx: np.ndarray, values: np.ndarray) -> None:
+    """Overwrite elements of a 1-D float64 .npy file where they are: 8 bytes each."""
+    with open(path, "r+b", buffering=0) as f:
+        shape, fortran, dtype, header_len = read_npy_header(f)
+        assert (shape, fortran, dtype) == ((BIG_ELEMENTS,), False, np.dtype("<f8")), (shape, fortran, dtype)
+        for i, value in zip(idx.tolist(), values.astype("<f8")):
+            f.seek(header_len + 8 * i)
+            assert f.write(value.tobytes()) == 8
+
+
+def bench_commit(ctx: Context) -> Result:
+    """A commit of a 1% change of the big dataset through versionfs, staged by an
+    in-place edit and by a whole rewrite of staging/big.npy, against versioned-hdf5's
+    own stage_version of the same change; and a commit with nothing staged."""
+    from versioned_hdf5 import VersionedHDF5File
+
+    source = ensure_big_file()
+    idx, values = commit_change()
+    with h5py.File(source, "r") as f:
+        expected = f[BIG_H5PATH][...]
+    original = expected[idx].copy()
+    expected[idx] = values
+    nbytes, nchunks = expected.nbytes, BIG_ELEMENTS // BIG_CHUNK
+    dropped = True
+
+    def reference(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            vf = VersionedHDF5File(f)
+            with vf.stage_version(COMMIT_NAME) as g:
+                g["big"][idx] = values
+
+    def verify(path: Path) -> None:
+        """The new version holds the changed array, the old one is untouched."""
+        with h5py.File(path, "r") as f:
+            vf = VersionedHDF5File(f)
+            got = vf[COMMIT_NAME]["big"][...]
+            assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), f"{path}: version {COMMIT_NAME} differs"
+            assert np.array_equal(vf[BIG_VERSION]["big"][idx], original), f"{path}: version {BIG_VERSION} changed"
+
+    ref_t, ref_growth = [], []
+    edit_t, inplace_t, inplace_growth, inplace_io = [], [], [], []
+    save_t, rewrite_t, rewrite_growth, rewrite_io = [], [], [], []
+    unchanged_t, startup_t = [], []
+
+    def staged_commit(copy: Path, stage: Callable[[Path], None], stage_times, commit_times, growths, io, cli: bool) -> None:
+        """Mount a fresh copy, stage the change, commit it cold; on the first run check
+        the new version with the library once unmounted."""
+        nonlocal dropped
+        size0 = copy.stat().st_size
+        with mounted(copy) as mnt:
+            if cli:
+                # Nothing staged yet: the unchanged commit, and the bare start-up of the CLI.
+                for _ in range(CLI_RUNS):
+                    startup_t.append(timed_versionfs("--version"))
+                    unchanged_t.append(timed_versionfs("commit", str(mnt), expect="unchanged"))
+            pid = daemon_pid(mnt)
+            stage_times.append(timed(lambda: stage(mnt / "staging" / "big.npy")))
+            dropped &= drop_caches()
+            c0 = proc_io(pid)
+            commit_times.append(timed_versionfs("commit", str(mnt), "-n", COMMIT_NAME, expect=COMMIT_NAME))
+            c1 = proc_io(pid)
+            io.append(tuple(b - a for a, b in zip(c0, c1)))
+        growths.append(copy.stat().st_size - size0)
+        if len(commit_times) == 1:
+            verify(copy)
+
+    def edit_staged(path: Path) -> None:
+        edit_npy_in_place(path, idx, values)
+
+    def save_staged(path: Path) -> None:
+        np.save(path, expected)
+
+    for rep in range(ctx.reps):
+        with scratch_dir() as tmp:
+            # The reference: the library on a copy of the file, open to close, cold.
+            copy = tmp / "reference.h5"
+            shutil.copyfile(source, copy)
+            size0 = copy.stat().st_size
+            dropped &= drop_caches()
+            ref_t.append(timed(lambda: reference(copy)))
+            ref_growth.append(copy.stat().st_size - size0)
+            if rep == 0:
+                verify(copy)
+            copy.unlink()
+            for name, stage, lists, cli in (
+                ("in-place.h5", edit_staged, (edit_t, inplace_t, inplace_growth, inplace_io), True),
+                ("rewrite.h5", save_staged, (save_t, rewrite_t, rewrite_growth, rewrite_io), False),
+            ):
+                copy = tmp / name
+                shutil.copyfile(source, copy)
+                staged_commit(copy, stage, *lists, cli)
+                copy.unlink()
+
+    med = statistics.median
+    ms = lambda times: med(times) * 1000  # noqa: E731
+    ref_ms, inplace_ms, rewrite_ms, unchanged_ms = ms(ref_t), ms(inplace_t), ms(rewrite_t), ms(unchanged_t)
+    ref_mib = med(ref_growth) / MiB
+    suffix = "" if dropped else " (cache not dropped)"
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    rows = [
+        Row(f"versioned-hdf5 `stage_version` of the 1% change, open to close, cold{suffix} — reference", ref_ms, None, "—", "ms", reference=True),
+        Row(f"`versionfs commit` after an in-place edit of `staging/big.npy`, cold{suffix}", inplace_ms, inplace_ms / ref_ms, f"≤ 1.5× ({met(inplace_ms <= 1.5 * ref_ms)})", "ms"),
+        Row(f"`versionfs commit` after `np.save` of the whole changed array to `staging/big.npy`, cold{suffix}", rewrite_ms, rewrite_ms / ref_ms, f"≤ 1.5× ({met(rewrite_ms <= 1.5 * ref_ms)})", "ms"),
+        Row("staging the in-place edit: open `r+b` (copy-up of the file into the spool), write 8 bytes × " f"{len(idx)}, close", ms(edit_t), None, "— (informative)", "ms"),
+        Row(f"staging the rewrite: `np.save` of {nbytes // MiB} MiB through the mount", ms(save_t), None, "— (informative)", "ms"),
+        Row("`versionfs commit` with nothing staged (prints `unchanged`), warm", unchanged_ms, None, f"< 50 ms ({met(unchanged_ms < 50)})", "ms"),
+        Row("`versionfs --version` (start-up of the CLI, included in every commit time above), warm", ms(startup_t), None, "— (informative)", "ms"),
+        Row("file growth, versioned-hdf5 reference commit — reference", ref_mib, None, "—", "MiB", reference=True),
+        Row("file growth, `versionfs commit` after the in-place edit", med(inplace_growth) / MiB, med(inplace_growth) / MiB / ref_mib, "≈ reference (informative)", "MiB"),
+        Row("file growth, `versionfs commit` after the rewrite", med(rewrite_growth) / MiB, med(rewrite_growth) / MiB / ref_mib, "≈ reference (informative)", "MiB"),
+    ]
+    runs = lambda times: " / ".join(f"{t * 1000:.0f}" for t in times)  # noqa: E731
+
+    def daemon(io: list[tuple[int, int, float]], times: list[float]) -> str:
+        r, w, cpu = (med([x[k] for x in io]) for k in range(3))
+        return f"read {r / MiB:,.0f} MiB, wrote {w / MiB:,.0f} MiB, used {cpu:.1f} s of CPU in {med(times):.1f} s"
+
+    setup = (
+        f"the read benchmark's {nbytes // MiB} MiB dataset, a fresh copy of its file per measurement; the change: one "
+        f"element in the middle of every {COMMIT_STRIDE}th chunk ({len(idx)} of {nchunks} chunks, {len(idx) / nchunks:.1%} "
+        f"of the data); commits cold (page cache dropped after staging); medians of {ctx.reps} runs "
+        f"({ctx.reps * CLI_RUNS} for the warm CLI rows)"
+    )
+    notes = [
+        f"Every commit time includes the start-up of the `versionfs` CLI (the `--version` row, {ms(startup_t):.0f} ms); "
+        f"of the unchanged commit, {ms(startup_t) / unchanged_ms:.0%} is that start-up.",
+        f"Daemon during the commit after the in-place edit: {daemon(inplace_io, inplace_t)}; after the rewrite: "
+        f"{daemon(rewrite_io, rewrite_t)} (bytes read by syscalls; the dataset is {nbytes // MiB} MiB).",
+        f"Staging the rewrite ran at {mib_s(nbytes, med(save_t)):.0f} MiB/s.",
+        f"Every run (ms): reference {runs(ref_t)}; in-place commit {runs(inplace_t)}; rewrite commit {runs(rewrite_t)}; "
+        f"in-place staging {runs(edit_t)}; rewrite staging {runs(save_t)}; unchanged {runs(unchanged_t)}; "
+        f"`--version` {runs(startup_t)}.",
+        f"File growth (MiB, every run): reference {' / '.join(f'{g / MiB:.2f}' for g in ref_growth)}; in-place "
+        f"{' / '.join(f'{g / MiB:.2f}' for g in inplace_growth)}; rewrite {' / '.join(f'{g / MiB:.2f}' for g in rewrite_growth)}; "
+        f"the changed chunks are {len(idx) * BIG_CHUNK * 8 / MiB:.0f} MiB.",
+        f"Correctness (first run): after each commit, `VersionedHDF5File(f)['{COMMIT_NAME}']['big']` equals the changed "
+        f"array byte for byte and version `{BIG_VERSION}` still holds the old values.",
+    ]
+    return Result(setup, rows, notes)
+
+
 BENCHES: dict[str, Callable[[Context], Result]] = {
     "read": bench_read,
+    "commit": bench_commit,
 }
 
 
@@ -285,16 +477,31 @@ def fmt_table(results: dict[str, Result]) -> str:
     lines = [machine_line() + "  ", *(f"{name}: {r.setup}  " for name, r in results.items())]
     lines += [
         "",
-        "| measurement | MiB/s (median) | ratio to reference | goal |",
+        "| measurement | median | ratio to reference | goal |",
         "|---|---:|---:|---|",
     ]
     notes = []
     for name, result in results.items():
         for row in result.rows:
-            ratio = "1.00 (reference)" if row.ratio is None else f"{row.ratio:.2f}"
-            lines.append(f"| {name}: {row.measurement} | {row.mib_s:,.0f} | {ratio} | {row.goal} |")
+            if row.reference:
+                ratio = "1.00 (reference)"
+            else:
+                ratio = "—" if row.ratio is None else f"{row.ratio:.2f}× {UNIT_RATIO[row.unit]}"
+            lines.append(f"| {name}: {row.measurement} | {fmt_value(row.value, row.unit)} | {ratio} | {row.goal} |")
         notes += [f"- {name}: {n}" for n in result.notes]
-    return "\n".join(lines + [""] + notes) + "\n"
+    legend = (
+        "Ratio to reference: × speed = MiB/s over the reference's MiB/s (higher is better); "
+        "× time = time over the reference's time (lower is better); × size = bytes over the reference's bytes."
+    )
+    return "\n".join(lines + ["", legend, ""] + notes) + "\n"
+
+
+def fmt_value(value: float, unit: str) -> str:
+    if unit == "MiB/s":
+        return f"{value:,.0f} MiB/s"
+    if unit == "ms":
+        return f"{value:,.0f} ms" if value >= 100 else f"{value:.1f} ms"
+    return f"{value:,.1f} {unit}"
 
 
 def write_readme(table: str) -> None:

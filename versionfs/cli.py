@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
-from . import __version__
+from . import __version__, logs
 from .control import request
 from .errors import UserError
 
@@ -94,6 +94,34 @@ def _demo(args: argparse.Namespace) -> None:
     print(demo.instructions(source, mnt), end="")
 
 
+def _health_line(health: dict) -> str:
+    """One line for people (on stderr: stdout stays the list of changes)."""
+    state = "healthy" if not health["errors"] else f"running, {health['errors']} request(s) failed (see its log)"
+    base = health["base"] if health["base"] == health["latest"] else f"{health['base']} (latest is {health['latest']})"
+    return (
+        f"daemon {health['pid']} {state}, up {health['uptime']:.0f}s; {health['source']}: "
+        f"{health['versions']} versions, staging on {base}"
+        + (f", {health['open_for_writing']} file(s) open for writing" if health["open_for_writing"] else "")
+    )
+
+
+@contextlib.contextmanager
+def _progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=what, unit="change", leave=False, file=sys.stderr) as bar:
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        yield update
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "mount":
         _mount(args)
@@ -112,25 +140,24 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         _demo(args)
     elif args.command == "commit":
-        name = request(args.mountpoint, "commit", name=args.name, message=args.message)
+        with _progress_bar("commit") as on_progress:
+            name = request(args.mountpoint, "commit", on_progress, name=args.name, message=args.message)
         print(name or "unchanged")
     elif args.command == "status":
+        print(_health_line(request(args.mountpoint, "health")), file=sys.stderr)
         for line in request(args.mountpoint, "status"):
             print(line)
     elif args.command == "discard":
         request(args.mountpoint, "discard")
     elif args.command == "rollback":
-        name = request(args.mountpoint, "rollback", selector=args.selector, name=args.name, message=args.message)
+        with _progress_bar("rollback") as on_progress:
+            name = request(args.mountpoint, "rollback", on_progress, selector=args.selector, name=args.name, message=args.message)
         print(name or "unchanged")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.debug)
     try:
         _run(args)
     except UserError as e:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .backends.base import Change, Dir, File, find
+from .backends.base import Change, Dir, File, Progress, find
 from .errors import UserError
 from .namespace import Namespace
 from .selectors import parse
@@ -216,14 +216,14 @@ class Committer:
         if self.overlay.writers:
             raise CommitRefused(f"{self.overlay.writers} file(s) in staging/ are open for writing; close them first")
 
-    async def commit(self, name: str | None = None, message: str | None = None) -> str | None:
+    async def commit(self, name: str | None = None, message: str | None = None, progress: Progress | None = None) -> str | None:
         """The new version's name, or None when staging equals the latest version."""
         async with self.overlay.lock:
-            name = await self._commit_locked(name, message)
+            name = await self._commit_locked(name, message, progress)
         self.ns.notify_changed()
         return name
 
-    async def _commit_locked(self, name: str | None, message: str | None) -> str | None:
+    async def _commit_locked(self, name: str | None, message: str | None, progress: Progress | None = None) -> str | None:
         self._refuse_open_writers()
         if not self.overlay.changed:
             return None  # nothing written: answered without reading any data
@@ -251,7 +251,7 @@ class Committer:
         store.set_meta("committing", name)
         await trio.to_thread.run_sync(store.sync)
         try:
-            await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree)
+            await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree, progress)
         except BaseException:
             store.set_meta("committing", None)
             raise
@@ -261,7 +261,8 @@ class Committer:
         log.info("committed version %s (%d changes)", name, len(changes))
         return name
 
-    async def rollback(self, selector: str, name: str | None = None, message: str | None = None) -> str | None:
+    async def rollback(self, selector: str, name: str | None = None, message: str | None = None,
+                       progress: Progress | None = None) -> str | None:
         """Commit the content of the selected version as a new version (history is
         never rewritten). Returns the new version's name, or None if unchanged."""
         text = selector[1:] if selector.startswith("@") else selector
@@ -277,7 +278,7 @@ class Committer:
             current = await self.ns.tree(latest.name) if latest else Dir(0)
             differences = await self.ns.worker.run(tree_difference, self.ns.backend, current, target)
             await self._stage(differences)
-            name = await self._commit_locked(name, message or f"rollback to {info.name}")
+            name = await self._commit_locked(name, message or f"rollback to {info.name}", progress)
         self.ns.notify_changed()
         return name
 

@@ -11,6 +11,7 @@ answer: ``{"ok": true, "result": …}`` or ``{"ok": false, "error": …, "exit":
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -77,7 +78,20 @@ def _peer_uid(conn: trio.socket.SocketType) -> int:
 
 async def _answer(conn: trio.socket.SocketType, handlers: dict[str, Handler]) -> None:
     stream = trio.SocketStream(conn)
-    async with stream:
+    send, receive = trio.open_memory_channel[dict](float("inf"))
+    token = trio.lowlevel.current_trio_token()
+
+    def post(message: dict) -> None:
+        try:
+            send.send_nowait(message)
+        except trio.ClosedResourceError:
+            pass  # a report that came after the answer
+
+    def progress(done: int, total: int) -> None:
+        """Callable from any thread (the worker reports from inside a commit)."""
+        token.run_sync_soon(post, {"progress": [done, total]})
+
+    async def run() -> None:
         try:
             if _peer_uid(conn) not in (0, os.getuid()):
                 raise ControlError("permission denied: only the user who mounted it (or root) may control this mount")
@@ -85,16 +99,26 @@ async def _answer(conn: trio.socket.SocketType, handlers: dict[str, Handler]) ->
             handler = handlers.get(request.get("op"))
             if handler is None:
                 raise ControlError(f"unknown request {request.get('op')!r}")
-            answer = {"ok": True, "result": await handler(**request.get("args", {}))}
+            args = request.get("args", {})
+            if "progress" in inspect.signature(handler).parameters:
+                args["progress"] = progress
+            answer = {"ok": True, "result": await handler(**args)}
         except UserError as e:
             answer = {"ok": False, "error": str(e), "exit": getattr(e, "exit_code", 1)}
         except Exception as e:  # noqa: BLE001 - the daemon outlives any request
             log.exception("control request failed")
             answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit": 1}
-        try:
-            await stream.send_all(json.dumps(answer).encode() + b"\n")
-        except trio.BrokenResourceError:
-            pass
+        # After every progress report already on its way from the worker.
+        token.run_sync_soon(post, answer)
+        token.run_sync_soon(send.close)
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        async for message in receive:
+            try:
+                await stream.send_all(json.dumps(message).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass  # the client went away; the request still runs to its end
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
@@ -109,8 +133,9 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
     return data
 
 
-def request(mountpoint: str, op: str, **args: Any) -> Any:
-    """Send one request to the daemon of ``mountpoint``; its result, or ControlError."""
+def request(mountpoint: str, op: str, on_progress: Callable[[int, int], None] | None = None, **args: Any) -> Any:
+    """Send one request to the daemon of ``mountpoint``; its result, or ControlError.
+    Progress reports on the way go to ``on_progress(done, total)``."""
     try:
         path = os.fsdecode(os.getxattr(mountpoint, XATTR_CONTROL))
     except OSError:
@@ -122,10 +147,15 @@ def request(mountpoint: str, op: str, **args: Any) -> Any:
             raise ControlError(f"{mountpoint}: the daemon does not answer ({e.strerror})") from None
         sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         with sock.makefile("rb") as answers:
-            line = answers.readline()
-    if not line:
-        raise ControlError(f"{mountpoint}: the daemon closed the connection")
-    answer = json.loads(line)
+            while True:
+                line = answers.readline()
+                if not line:
+                    raise ControlError(f"{mountpoint}: the daemon closed the connection")
+                answer = json.loads(line)
+                if "progress" not in answer:
+                    break
+                if on_progress is not None:
+                    on_progress(*answer["progress"])
     if not answer["ok"]:
         raise ControlError(answer["error"], answer.get("exit", 1))
     return answer["result"]

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -133,7 +134,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         mounted = True
         os.chdir("/")  # never keep a directory busy
         log.info("mounted %s on %s", backend.description, mountpoint)
-        trio.run(_serve, namespace, committer, opts, mountpoint, ready)
+        trio.run(_serve, namespace, fs, committer, opts, mountpoint, ready)
     except UserError as e:
         ready(str(e))
         raise
@@ -149,8 +150,24 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         worker.close()
 
 
-async def _serve(namespace: Namespace, committer: Committer | None, opts: MountOptions, mountpoint: str,
-                 ready: Callable[[str | None], None]) -> None:
+async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | None, opts: MountOptions,
+                 mountpoint: str, ready: Callable[[str | None], None]) -> None:
+    started = time.monotonic()
+
+    async def health() -> dict:
+        latest = namespace.current_info()
+        overlay = namespace.overlay
+        return {
+            "pid": os.getpid(),
+            "source": namespace.backend.description,
+            "uptime": time.monotonic() - started,
+            "versions": len(namespace.all_versions),
+            "latest": latest.name if latest else None,
+            "base": overlay.base_version if overlay else None,
+            "open_for_writing": overlay.writers if overlay else 0,
+            "errors": fs.failure_count,
+        }
+
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
         if committer is not None:
@@ -159,6 +176,7 @@ async def _serve(namespace: Namespace, committer: Committer | None, opts: MountO
                 "status": committer.status,
                 "discard": committer.discard,
                 "rollback": committer.rollback,
+                "health": health,
             }
             await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
             if opts.autocommit:
@@ -166,6 +184,11 @@ async def _serve(namespace: Namespace, committer: Committer | None, opts: MountO
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()
+        notify("STOPPING=1")
+        if committer is not None:
+            # Unmounted or signalled: a commit that is running finishes first.
+            async with committer.overlay.lock:
+                nursery.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
@@ -198,6 +221,21 @@ async def _announce_ready(mountpoint: str, ready: Callable[[str | None], None]) 
     # when it returns, the mount is usable.
     await trio.to_thread.run_sync(os.stat, mountpoint)
     ready(None)
+    notify("READY=1")
+
+
+def notify(state: str) -> None:
+    """sd_notify(3) for Type=notify services: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd: %s", e)
 
 
 # -- background start and stop ------------------------------------------------------

@@ -65,6 +65,11 @@ class VersionFS(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         namespace.listeners.append(self.invalidate_root_entries)
 
+    @property
+    def failure_count(self) -> int:
+        """Requests answered with EIO because of an unexpected error."""
+        return sum(self._failures.values())
+
     # -- bookkeeping ------------------------------------------------------------
     def report_failure(self, op: str, exc: BaseException) -> None:
         key = (op, f"{type(exc).__name__}: {exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Union
+from typing import Any, Callable, Mapping, Protocol, Union
 
 from ..selectors import format_utc
 
@@ -54,6 +54,7 @@ class Dir:
 
 
 Entry = Union[File, Dir]
+Progress = Callable[[int, int], None]
 
 
 def find(root: Dir, path: str) -> Entry | None:
@@ -105,9 +106,10 @@ class Backend(Protocol):
         """Equal for two files of any versions exactly when their content is,
         computed without reading data where the format allows (conflict checks)."""
 
-    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
+               progress: Progress | None = None) -> None:
         """Make ``changes`` on top of version ``parent`` the new version ``name``,
-        atomically and durably."""
+        atomically and durably, reporting ``progress(done, total)`` in changes."""
 
     def close(self) -> None: ...
 

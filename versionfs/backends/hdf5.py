@@ -23,7 +23,7 @@ import numpy as np
 from .. import journal
 from ..errors import SourceError
 from . import npy
-from .base import Change, Dir, File, VersionInfo, canonical_json, version_json
+from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, version_json
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +339,15 @@ class HDF5Backend:
         ]
         return (ds.shape, ds.dtype.str, repr(ds.fillvalue), mapping)
 
-    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
+               progress: Progress | None = None) -> None:
         from . import hdf5_write
 
         # The read handle holds a shared lock and h5py cannot have the file open
         # twice in different modes: close it for the commit, reopen after.
         self._close_file()
         try:
-            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree)
+            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
         finally:
             self.f = open_file(self.path)
 

@@ -32,7 +32,7 @@ from versioned_hdf5 import VersionedHDF5File
 from ..errors import UserError
 from ..journal import JournaledFile
 from . import npy
-from .base import Change, Dir, File, find
+from .base import Change, Dir, File, Progress, find
 from .hdf5 import ATTRS_FILE, INTERNAL_ATTRS, MESSAGE_ATTR, RAW_ATTR, VERSION_FILE
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class CommitError(UserError):
     """Staged content the format cannot take; the message names the path."""
 
 
-def commit(path: str, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir) -> None:
+def commit(path: str, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
+           progress: Progress | None = None) -> None:
     """Write ``changes`` on top of ``parent`` as version ``name`` (blocking)."""
     jf = JournaledFile(path)
     try:
@@ -57,7 +58,7 @@ def commit(path: str, parent: str | None, changes: list[Change], name: str, mess
                 writer.carry_root_attrs()
                 if message:
                     group.attrs[MESSAGE_ATTR] = message
-                writer.apply(changes)
+                writer.apply(changes, progress)
         jf.commit()
     except BaseException:
         jf.abort()
@@ -89,9 +90,11 @@ class _Writer:
                 self.g.attrs[key] = value
 
     # -- changes -----------------------------------------------------------------
-    def apply(self, changes: list[Change]) -> None:
+    def apply(self, changes: list[Change], progress: Progress | None = None) -> None:
         attrs_files = []
-        for change in sorted(changes, key=_order):
+        for done, change in enumerate(sorted(changes, key=_order)):
+            if progress is not None:
+                progress(done, len(changes))
             leaf = posixpath.basename(change.path)
             if change.kind == "delete":
                 if leaf != ATTRS_FILE:
