@@ -4,10 +4,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv systemd util-linux
 DEMO_DIR ?= /tmp/versionfs-demo
+PREFIX ?= /usr/local
+SBIN ?= /sbin
+UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: install system-deps test test-slow bench demo umount-demo clean
+.PHONY: setup install system-deps test test-slow bench demo umount-demo clean
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
@@ -24,18 +27,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: system-deps $(VENV)/.installed
+# Everything the commands, the tests and the demo need, in place.
+setup: system-deps $(VENV)/.installed
 
-test: install
+# The system-wide pieces: the command, the mount(8) helper, the systemd units.
+install: setup
+	$(SUDO) ln -sf $(CURDIR)/$(VENV)/bin/versionfs $(PREFIX)/bin/versionfs
+	$(SUDO) sed 's#^VERSIONFS=.*#VERSIONFS="$(PREFIX)/bin/versionfs"#' mount_helpers/mount.fuse.versionfs > mount.fuse.versionfs.tmp
+	$(SUDO) install -m 755 mount.fuse.versionfs.tmp $(SBIN)/mount.fuse.versionfs
+	rm -f mount.fuse.versionfs.tmp
+	$(SUDO) install -d $(UNIT_DIR) /etc/versionfs
+	$(SUDO) install -m 644 systemd/versionfs@.service systemd/versionfs-sync@.service systemd/versionfs-sync@.timer $(UNIT_DIR)/
+	$(SUDO) install -m 644 systemd/versionfs.env.example /etc/versionfs/
+	-$(SUDO) systemctl daemon-reload 2>/dev/null
+
+test: setup
 	$(VENV)/bin/pytest
 
-test-slow: install
+test-slow: setup
 	$(VENV)/bin/pytest -m slow
 
-bench: install
+bench: setup
 	$(PY) bench/run.py
 
-demo: install
+demo: setup
 	$(VENV)/bin/versionfs demo $(DEMO_DIR)
 
 umount-demo:

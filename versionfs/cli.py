@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="create an empty versioned HDF5 file")
     i.add_argument("source")
 
+    h = sub.add_parser("mount-helper", help=argparse.SUPPRESS)  # mount.fuse.versionfs (mount(8))
+    h.add_argument("argv", nargs=argparse.REMAINDER)
+
     d = sub.add_parser("demo", help="make a small versioned HDF5 file, mount it, print what to try")
     d.add_argument("directory", nargs="?", default="versionfs-demo")
     return p
@@ -139,6 +142,14 @@ def _run(args: argparse.Namespace) -> None:
         print(init(args.source))
     elif args.command == "demo":
         _demo(args)
+    elif args.command == "mount-helper":
+        from .mount_helper import mount_argv
+
+        command, fake = mount_argv(args.argv)
+        if fake:
+            print("versionfs", *command)
+            return
+        _run(_parser().parse_args(command))
     elif args.command == "commit":
         with _progress_bar("commit") as on_progress:
             name = request(args.mountpoint, "commit", on_progress, name=args.name, message=args.message)

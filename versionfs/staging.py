@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 FILE_MODE, DIR_MODE = 0o644, 0o755
 COPY_CHUNK = 8 << 20
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-READ_ONLY_NAMES = frozenset({".version.json"})  # generated at a version's root; never staged
+# Generated at a version's root; not part of staging (so `rsync --delete` into
+# staging never trips over it) and never staged.
+RESERVED_ROOT_NAMES = frozenset({".version.json"})
 
 
 def join(parent: str, name: str) -> str:
@@ -280,6 +282,8 @@ class Overlay:
         return entry if isinstance(entry, File) else None
 
     async def node(self, path: str) -> "StagingNode":
+        if path in RESERVED_ROOT_NAMES:
+            raise enoent()
         row, base = await self.resolve(path)
         is_dir = (row.kind == "dir") if row is not None else isinstance(base, Dir)
         if row is None and base is None and path:
@@ -295,7 +299,7 @@ class Overlay:
         row, base = await self.resolve(path)
         names: dict[str, bool] = {}
         if isinstance(base, Dir) and not (row is not None and row.opaque):
-            names = {n: isinstance(e, Dir) for n, e in base.children.items()}
+            names = {n: isinstance(e, Dir) for n, e in base.children.items() if path or n not in RESERVED_ROOT_NAMES}
         for name in self.store.children.get(path, ()):
             child = self.store.rows[join(path, name)]
             if child.kind == "deleted":
@@ -357,11 +361,8 @@ class StagingFile(StagingNode):
             raise enoent()
         size = await self.overlay.ns.file_size(base)
         mtime = row.mtime_ns if row is not None and row.mtime_ns is not None else base.mtime_ns
-        mode = row.mode if row is not None and row.mode is not None else self._default_mode()
+        mode = row.mode if row is not None and row.mode is not None else FILE_MODE
         return Attr(False, size, mtime, mode)
-
-    def _default_mode(self) -> int:
-        return 0o444 if self.path in READ_ONLY_NAMES else FILE_MODE
 
     @_local_errors
     async def open(self, flags: int) -> Handle:
@@ -375,8 +376,6 @@ class StagingFile(StagingNode):
             if base is None:
                 raise enoent()
             return await self.overlay.ns.open_file(base)
-        if self.path in READ_ONLY_NAMES:
-            raise FsError(errno.EACCES, "generated file")
         async with self.overlay.lock:
             blob = await self._copy_up(truncate=bool(flags & os.O_TRUNC))
             self.overlay.touch()
@@ -405,8 +404,6 @@ class StagingFile(StagingNode):
 
     async def _setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
         store = self.overlay.store
-        if self.path in READ_ONLY_NAMES:
-            raise FsError(errno.EACCES, "generated file")
         if size is not None:
             blob = await self._copy_up(truncate=size == 0)
             os.truncate(store.blob_path(blob), size)
@@ -490,7 +487,7 @@ class StagingDir(StagingNode):
     @_local_errors
     async def create(self, name: str, mode: int) -> tuple[Node, Handle]:
         self._check()
-        if not self.path and name in READ_ONLY_NAMES:
+        if not self.path and name in RESERVED_ROOT_NAMES:
             raise FsError(errno.EACCES)
         async with self.overlay.lock:
             path = await self._absent(name)
@@ -522,8 +519,6 @@ class StagingDir(StagingNode):
             path = join(self.path, name)
             if (await self.overlay.node(path)).is_dir:
                 raise FsError(errno.EISDIR)
-            if not self.path and name in READ_ONLY_NAMES:
-                raise FsError(errno.EACCES)
             await self._remove(path)
             self.overlay.touch()
 
@@ -564,7 +559,7 @@ class StagingDir(StagingNode):
             return
         if under(dst, src):
             raise FsError(errno.EINVAL)
-        if READ_ONLY_NAMES & {p for p in (src, dst) if "/" not in p}:
+        if RESERVED_ROOT_NAMES & {p for p in (src, dst) if "/" not in p}:
             raise FsError(errno.EACCES)
         async with self.overlay.lock:
             node = await self.overlay.node(src)

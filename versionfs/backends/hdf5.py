@@ -32,8 +32,9 @@ FIRST_VERSION = "__first_version__"
 TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FMT
 RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
 MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
+MTIME_ATTR = "_versionfs_mtime_ns"  # the mtime a file had when it was committed
 # Attributes the format (or versionfs) uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR})
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR})
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
@@ -280,6 +281,9 @@ class HDF5Backend:
         return node
 
     def _file(self, ds: h5py.Dataset, kind: str, mtime: int) -> File:
+        # A file committed through staging keeps its own mtime (so rsync's quick
+        # check works across snapshots); any other shows its version's time.
+        mtime = int(ds.attrs.get(MTIME_ATTR, mtime))
         if kind == "text":
             return File(size=None, mtime_ns=mtime, ref=TextRef(ds.name))
         if kind == "raw":

@@ -21,6 +21,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import posixpath
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..errors import UserError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
-from .hdf5 import ATTRS_FILE, INTERNAL_ATTRS, MESSAGE_ATTR, RAW_ATTR, VERSION_FILE
+from .hdf5 import ATTRS_FILE, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR, VERSION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class _Writer:
             elif leaf == ATTRS_FILE:
                 attrs_files.append((change, self.content(change)))
             else:
-                self.put_file(change)
+                name = self.put_file(change)
+                if change.local is not None and name in self.g:
+                    self.g[name].attrs[MTIME_ATTR] = np.int64(os.stat(change.local).st_mtime_ns)
         for change, data in attrs_files:
             self.set_attrs(change.path, data)
 
@@ -138,7 +141,8 @@ class _Writer:
         if h5path in self.g:
             del self.g[h5path]
 
-    def put_file(self, change: Change) -> None:
+    def put_file(self, change: Change) -> str:
+        """Store one staged file; returns the dataset it went to."""
         h5path, entry = self.target(change.path)
         leaf = posixpath.basename(change.path)
         parent_h5 = posixpath.dirname(h5path)
@@ -149,22 +153,28 @@ class _Writer:
             source = find(self.tree, change.base_path)
             if isinstance(source, File) and source.ref is not None and source.content is None:
                 # A rename: copy the dataset as it is (same dtype, chunks, attributes).
-                self.copy_dataset(_ref_h5path(source.ref), _renamed(h5path, leaf, _ref_kind(source.ref)))
-                return
+                dest = _renamed(h5path, leaf, _ref_kind(source.ref))
+                self.copy_dataset(_ref_h5path(source.ref), dest)
+                return dest
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
             array = _load_npy(change.local) if change.local is not None else _parse_npy(self.content(change))
             if array is not None:
-                return self.put_array(h5path if kind else h5path[: -len(".npy")], array, change.path, exists=kind is not None)
+                name = h5path if kind else h5path[: -len(".npy")]
+                self.put_array(name, array, change.path, exists=kind is not None)
+                return name
             if kind:
                 raise CommitError(f"{change.path}: not a valid .npy file (it replaces dataset /{h5path})")
         data = self.content(change)
         if kind == "text" or (kind is None and leaf.endswith(".txt")):
             values = npy.text_values(data)
             if npy.text_bytes(values) == data:
-                return self.put_text(h5path if kind else h5path[: -len(".txt")], values, change.path, exists=kind is not None)
+                name = h5path if kind else h5path[: -len(".txt")]
+                self.put_text(name, values, change.path, exists=kind is not None)
+                return name
             if kind:
                 raise CommitError(f"{change.path}: this text does not map back to the same bytes (see README, text form)")
         self.put_raw(h5path, data, exists=kind == "raw")
+        return h5path
 
     def copy_dataset(self, source: str, dest: str) -> None:
         src = self.prev_group[source.split(f"/versions/{self.prev}/", 1)[1]]
