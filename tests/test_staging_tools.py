@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import run_versionfs
 from helpers import make_versions
 
 
@@ -130,7 +131,6 @@ def test_refusals(pair):
         "rmdir not empty": (lambda: os.rmdir(staging / "sub"), errno.ENOTEMPTY),
         "unlink dir": (lambda: os.unlink(staging / "sub"), errno.EISDIR),
         "rename into itself": (lambda: os.rename(staging / "sub", staging / "sub/inner"), errno.EINVAL),
-        "create .version.json": (lambda: open(staging / ".version.json", "w"), errno.EACCES),
         "xattr": (lambda: os.setxattr(staging / "x.npy", "user.a", b"1"), errno.ENOTSUP),
     }
     for what, (attempt, expected) in cases.items():
@@ -140,6 +140,8 @@ def test_refusals(pair):
     assert os.statvfs(staging).f_namemax == 255
     assert os.statvfs(staging).f_bavail > 0  # the spool's disk
     (staging / ("n" * 255)).write_text("ok")  # 255 bytes is fine
+    (staging / ".version.json").write_text("{}")  # allowed, never committed
+    assert run_versionfs("status", str(m.path)).stdout.split("\n")[:-1] == ["A " + "n" * 255]
 
 
 def test_listing_and_attributes(pair):

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 FILE_MODE, DIR_MODE = 0o644, 0o755
 COPY_CHUNK = 8 << 20
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-# Generated at a version's root; not part of staging (so `rsync --delete` into
-# staging never trips over it) and never staged.
+# Generated at a version's root. Staging does not show the base's (so `rsync
+# --delete` into staging leaves it alone); a file written there under that name
+# is kept like any other but never committed (a copy of latest/ synced back works).
 RESERVED_ROOT_NAMES = frozenset({".version.json"})
 
 
@@ -282,9 +283,9 @@ class Overlay:
         return entry if isinstance(entry, File) else None
 
     async def node(self, path: str) -> "StagingNode":
-        if path in RESERVED_ROOT_NAMES:
-            raise enoent()
         row, base = await self.resolve(path)
+        if path in RESERVED_ROOT_NAMES and row is None:
+            raise enoent()
         is_dir = (row.kind == "dir") if row is not None else isinstance(base, Dir)
         if row is None and base is None and path:
             raise enoent()
@@ -471,10 +472,11 @@ class StagingDir(StagingNode):
 
     async def _absent(self, name: str) -> str:
         path = join(self.path, name)
-        row, base = await self.overlay.resolve(path)
-        if row is not None or base is not None:
-            raise FsError(errno.EEXIST)
-        return path
+        try:
+            await self.overlay.node(path)
+        except FsError:
+            return path
+        raise FsError(errno.EEXIST)
 
     async def _base_has(self, path: str) -> bool:
         """Whether the base still shows something at ``path`` (so removal needs a whiteout)."""
@@ -487,8 +489,6 @@ class StagingDir(StagingNode):
     @_local_errors
     async def create(self, name: str, mode: int) -> tuple[Node, Handle]:
         self._check()
-        if not self.path and name in RESERVED_ROOT_NAMES:
-            raise FsError(errno.EACCES)
         async with self.overlay.lock:
             path = await self._absent(name)
             store = self.overlay.store
@@ -559,8 +559,6 @@ class StagingDir(StagingNode):
             return
         if under(dst, src):
             raise FsError(errno.EINVAL)
-        if RESERVED_ROOT_NAMES & {p for p in (src, dst) if "/" not in p}:
-            raise FsError(errno.EACCES)
         async with self.overlay.lock:
             node = await self.overlay.node(src)
             try:
