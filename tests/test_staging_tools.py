@@ -149,6 +149,9 @@ def test_listing_and_attributes(pair):
     assert sorted(os.listdir(staging)) == sorted(set(os.listdir(m.path / "latest")) - {".version.json"})
     st = os.stat(staging / "x.npy")
     assert st.st_mode & 0o777 == 0o644 and st.st_size == os.stat(m.path / "latest/x.npy").st_size
+    os.utime(staging, ns=(10**9, 3 * 10**9))  # the root itself (rsync does this)
+    assert os.stat(staging).st_mtime_ns == 3 * 10**9
+    assert sorted(os.listdir(staging)) == sorted(set(os.listdir(m.path / "latest")) - {".version.json"})
     os.chmod(staging / "x.npy", 0o600)
     os.utime(staging / "x.npy", ns=(5 * 10**9, 7 * 10**9))
     st = os.stat(staging / "x.npy")

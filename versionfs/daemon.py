@@ -113,7 +113,8 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     mounted = False
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
-        backend = worker.call(open_backend, opts.source)
+        source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
+        backend = worker.call(open_backend, source)
         check_mountpoint(mountpoint)
         check_fuse_device()
         namespace = Namespace(backend, worker)
@@ -240,8 +241,9 @@ def notify(state: str) -> None:
 
 # -- background start and stop ------------------------------------------------------
 def state_dir(explicit: str | None = None) -> str:
+    """Absolute: the daemon changes its working directory to / once mounted."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return explicit or os.path.join(base, "versionfs")
+    return os.path.abspath(explicit or os.path.join(base, "versionfs"))
 
 
 def staging_dir(state: str | None, source: str) -> str:

@@ -55,13 +55,12 @@ def instructions(source: str, mnt: str) -> str:
     return f"""\
 versionfs demo: {source} is mounted on {mnt}
 
-  ls {mnt}/versions/                          every version, oldest first
-  ls -R {mnt}/latest/                         the current version
-  cat {mnt}/latest/.attrs.json                attributes, as JSON
-  python3 -c "import numpy; print(numpy.load('{mnt}/latest/daily/temperature.npy')[:5])"
-  diff -r {mnt}/versions/2024-02 {mnt}/versions/2024-02-fix
-  ls "{mnt}/@2024-03-02/daily"                 the version current on 2 March 2024
-  cmp {mnt}/@-1/daily/temperature.npy {mnt}/@-2/daily/temperature.npy
-  versionfs log {mnt}
-  versionfs umount {mnt}                      when you are done
+Browse:   ls {mnt}/versions/ ; ls -R {mnt}/latest/ ; cat {mnt}/latest/.attrs.json
+          python3 -c "import numpy; print(numpy.load('{mnt}/latest/daily/temperature.npy')[:5])"
+Diff:     diff -r {mnt}/versions/2024-02 {mnt}/versions/2024-02-fix
+By time:  ls "{mnt}/@2024-03-02/daily"   (the version current on 2 March 2024)
+Change:   cp {mnt}/latest/stations/names.txt /tmp/names.txt && echo Bern >> /tmp/names.txt
+          cp /tmp/names.txt {mnt}/staging/stations/names.txt && versionfs status {mnt}
+Commit:   versionfs commit {mnt} -m "add Bern" && versionfs log {mnt}
+Done:     versionfs umount {mnt}
 """

@@ -100,11 +100,12 @@ class Store:
     # -- rows ---------------------------------------------------------------
     def _index(self, row: Row) -> None:
         self.rows[row.path] = row
-        parent, name = split(row.path)
-        self.children.setdefault(parent, set()).add(name)
+        if row.path:  # the root (a row for its attributes) is nobody's child
+            parent, name = split(row.path)
+            self.children.setdefault(parent, set()).add(name)
 
     def _unindex(self, path: str) -> None:
-        if self.rows.pop(path, None) is not None:
+        if self.rows.pop(path, None) is not None and path:
             parent, name = split(path)
             names = self.children.get(parent)
             if names is not None:
