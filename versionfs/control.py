@@ -11,17 +11,17 @@ answer: ``{"ok": true, "result": …}`` or ``{"ok": false, "error": …, "exit":
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
 import socket
 import struct
-from typing import Any, Awaitable, Callable
-
-import trio
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 XATTR_CONTROL = "user.versionfs.control"
@@ -49,15 +49,19 @@ def socket_path(mountpoint: str) -> str:
     return os.path.join(directory, f"{digest}.sock")
 
 
-async def serve(path: str, handlers: dict[str, Handler], task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Answer requests on ``path`` until cancelled."""
+async def serve(path: str, handlers: dict[str, Handler], task_status: Any = None) -> None:
+    """Answer requests on ``path`` until cancelled (the daemon's side: trio is
+    imported here, not at the top, so that the CLI starts fast)."""
+    import trio
+
     if os.path.exists(path):
         os.unlink(path)  # a previous daemon's, left by a crash
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     os.chmod(path, 0o600)
     sock.listen(16)
-    task_status.started()
+    if task_status is not None:
+        task_status.started()
     try:
         async with trio.open_nursery() as nursery:
             while True:
@@ -71,12 +75,16 @@ async def serve(path: str, handlers: dict[str, Handler], task_status=trio.TASK_S
             pass
 
 
-def _peer_uid(conn: trio.socket.SocketType) -> int:
+def _peer_uid(conn: "trio.socket.SocketType") -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 
 
-async def _answer(conn: trio.socket.SocketType, handlers: dict[str, Handler]) -> None:
+async def _answer(conn: "trio.socket.SocketType", handlers: dict[str, Handler]) -> None:
+    import inspect
+
+    import trio
+
     stream = trio.SocketStream(conn)
     send, receive = trio.open_memory_channel[dict](float("inf"))
     token = trio.lowlevel.current_trio_token()
@@ -121,7 +129,7 @@ async def _answer(conn: trio.socket.SocketType, handlers: dict[str, Handler]) ->
                 pass  # the client went away; the request still runs to its end
 
 
-async def _read_line(stream: trio.SocketStream) -> bytes:
+async def _read_line(stream: "trio.SocketStream") -> bytes:
     data = b""
     while not data.endswith(b"\n"):
         chunk = await stream.receive_some(65536)
