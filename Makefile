@@ -39,7 +39,7 @@ install: setup
 	$(SUDO) install -d $(UNIT_DIR) /etc/versionfs
 	$(SUDO) install -m 644 systemd/versionfs@.service systemd/versionfs-sync@.service systemd/versionfs-sync@.timer $(UNIT_DIR)/
 	$(SUDO) install -m 644 systemd/versionfs.env.example /etc/versionfs/
-	-$(SUDO) systemctl daemon-reload 2>/dev/null
+	$(SUDO) systemctl daemon-reload 2>/dev/null || true
 
 test: setup
 	$(VENV)/bin/pytest
