@@ -16,7 +16,7 @@ import pytest
 from versioned_hdf5 import VersionedHDF5File
 
 from conftest import is_mounted, run_versionfs
-from helpers import make_versions
+from helpers import make_versions, npy_bytes
 
 
 def v1(g):
@@ -273,3 +273,51 @@ def test_read_only_mount_has_no_staging(src, mount):
     assert "staging" not in os.listdir(m.path)
     result = vfs("commit", str(m.path))
     assert result.returncode == 1 and "staging" in result.stderr
+
+
+def test_in_place_edits_commit_exactly_what_was_written(src, mount):
+    m = mount(src)
+    path = m.path / "staging/big.npy"
+    header = len(npy_bytes(np.zeros((0, 256))))
+    expected = np.zeros((400, 256))
+    with open(path, "r+b") as f:  # two separate regions, one across a chunk boundary
+        f.seek(header + (10 * 256 - 1) * 8)
+        f.write(np.array([1.5, 2.5]).tobytes())
+        expected.flat[10 * 256 - 1 : 10 * 256 + 1] = [1.5, 2.5]
+        f.seek(header + 399 * 256 * 8)
+        f.write(np.array([7.0]).tobytes())
+        expected[399, 0] = 7.0
+    mm = np.load(path, mmap_mode="r+")  # and through a shared writable mapping
+    mm[200, 100] = -3.0
+    expected[200, 100] = -3.0
+    mm.flush()
+    del mm
+    with open(m.path / "staging/x.npy", "r+b") as f:  # rewriting identical bytes
+        f.seek(128)
+        same = f.read(40)
+        f.seek(128)
+        f.write(same)
+    assert vfs("status", str(m.path)).stdout == "M big.npy\n"
+    assert commit(m, "-n", "edited") == "edited"
+    f, vf, v = library(src)
+    with f:
+        assert (v["big"][()] == expected).all()
+        assert (v["x"][()] == np.arange(1000)).all()
+
+
+def test_an_edit_interrupted_by_a_crash_is_compared_in_full(src, mount):
+    m = mount(src)
+    fd = os.open(m.path / "staging/x.npy", os.O_WRONLY)
+    os.pwrite(fd, np.array([-9], dtype="i4").tobytes(), 128 + 4 * 500)
+    os.kill(m.pid, signal.SIGKILL)  # the written ranges were never saved
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    subprocess.run(["fusermount3", "-u", "-z", str(m.path)])
+    m2 = mount(src, "--state-dir", str(m.state))
+    assert vfs("status", str(m2.path)).stdout == "M x.npy\n"
+    commit(m2, "-n", "after-crash")
+    f, vf, v = library(src)
+    with f:
+        assert v["x"][500] == -9 and v["x"][499] == 499

@@ -60,7 +60,7 @@ class StatusLine:
 
 
 # -- what changed -----------------------------------------------------------------
-def candidate_changes(rows: dict[str, Row], base: Dir, blob_path) -> list[Change]:
+def candidate_changes(rows: dict[str, Row], base: Dir, store) -> list[Change]:
     """Changes the staged rows describe, without reading any data."""
     changes: list[Change] = []
     for path in sorted(rows):
@@ -84,14 +84,16 @@ def candidate_changes(rows: dict[str, Row], base: Dir, blob_path) -> list[Change
             if isinstance(entry, Dir):
                 changes.append(Change(path, "delete"))
             if row.blob is not None:
-                changes.append(Change(path, "file", local=blob_path(row.blob)))
+                written = tuple(store.written(row.blob)) if row.tracked and row.origin == path else None
+                changes.append(Change(path, "file", local=store.blob_path(row.blob), written=written))
             elif row.base_path is not None and row.base_path != path:
                 changes.append(Change(path, "file", base_path=row.base_path))
     return changes
 
 
-def same_bytes(backend, entry: File, local: str) -> bool:
-    """Whether a local file holds exactly the bytes of a version's file (blocking)."""
+def same_bytes(backend, entry: File, local: str, written: tuple[tuple[int, int], ...] | None = None) -> bool:
+    """Whether a local file holds exactly the bytes of a version's file (blocking).
+    ``written``: the only ranges that can differ (an in-place edit)."""
     size = os.path.getsize(local)
     if entry.content is not None:
         with open(local, "rb") as f:
@@ -100,10 +102,14 @@ def same_bytes(backend, entry: File, local: str) -> bool:
         entry.size = backend.file_size(entry.ref)
     if size != entry.size:
         return False
+    ranges = written if written is not None else [(0, size)]
     with open(local, "rb") as f:
-        for offset in range(0, size, COMPARE_CHUNK):
-            if f.read(COMPARE_CHUNK) != bytes(backend.read(entry.ref, offset, COMPARE_CHUNK)):
-                return False
+        for start, stop in ranges:
+            for offset in range(start, min(stop, size), COMPARE_CHUNK):
+                length = min(COMPARE_CHUNK, stop - offset)
+                f.seek(offset)
+                if f.read(length) != bytes(backend.read(entry.ref, offset, length)):
+                    return False
     return True
 
 
@@ -113,7 +119,7 @@ def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
     for change in changes:
         entry = find(base, change.path)
         if change.kind == "file" and change.local is not None and isinstance(entry, File):
-            if same_bytes(backend, entry, change.local):
+            if same_bytes(backend, entry, change.local, change.written):
                 continue
         out.append(change)
     return out
@@ -199,7 +205,7 @@ class Committer:
     async def _changes(self) -> tuple[list[Change], Dir]:
         base = await self.overlay.base_tree()
         store = self.overlay.store
-        candidates = candidate_changes(store.rows, base, store.blob_path)
+        candidates = candidate_changes(store.rows, base, store)
         return await self.ns.worker.run(real_changes, self.ns.backend, candidates, base), base
 
     async def status(self) -> list[str]:

@@ -73,6 +73,10 @@ class Row:
     mtime_ns: int | None = None
     mode: int | None = None
     opaque: bool = False
+    # A blob copied up from the base file ``origin``: with ``tracked``, the byte
+    # ranges written since (Store.written) are all that can differ from it.
+    origin: str | None = None
+    tracked: bool = False
 
 
 class Store:
@@ -89,12 +93,13 @@ class Store:
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS entries (path TEXT PRIMARY KEY, kind TEXT NOT NULL, blob TEXT,"
-            " base_path TEXT, mtime_ns INTEGER, mode INTEGER, opaque INTEGER NOT NULL DEFAULT 0)"
+            " base_path TEXT, mtime_ns INTEGER, mode INTEGER, opaque INTEGER NOT NULL DEFAULT 0,"
+            " origin TEXT, tracked INTEGER NOT NULL DEFAULT 0)"
         )
+        self.db.execute("CREATE TABLE IF NOT EXISTS written (blob TEXT NOT NULL, start INTEGER, stop INTEGER)")
         self.rows: dict[str, Row] = {}
         self.children: dict[str, set[str]] = {}
-        for values in self.db.execute("SELECT path, kind, blob, base_path, mtime_ns, mode, opaque FROM entries"):
-            self._index(Row(*values[:6], opaque=bool(values[6])))
+        self._reload()
         self._collect_garbage()
 
     # -- rows ---------------------------------------------------------------
@@ -115,10 +120,22 @@ class Store:
 
     def put(self, row: Row) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row.path, row.kind, row.blob, row.base_path, row.mtime_ns, row.mode, int(row.opaque)),
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.path, row.kind, row.blob, row.base_path, row.mtime_ns, row.mode, int(row.opaque), row.origin, int(row.tracked)),
         )
         self._index(row)
+
+    def set_tracked(self, blob: str, tracked: bool) -> None:
+        for row in [r for r in self.rows.values() if r.blob == blob and r.origin is not None]:
+            self.put(replace(row, tracked=tracked))
+
+    def add_written(self, blob: str, ranges: list[tuple[int, int]]) -> None:
+        self.db.executemany("INSERT INTO written VALUES (?, ?, ?)", [(blob, a, b) for a, b in ranges])
+
+    def written(self, blob: str) -> list[tuple[int, int]]:
+        """The byte ranges written to ``blob`` since its copy-up, merged."""
+        ranges = sorted(self.db.execute("SELECT start, stop FROM written WHERE blob = ?", (blob,)))
+        return merge_ranges(ranges)
 
     def remove(self, path: str) -> None:
         self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
@@ -143,8 +160,9 @@ class Store:
     def _reload(self) -> None:
         self.rows.clear()
         self.children.clear()
-        for values in self.db.execute("SELECT path, kind, blob, base_path, mtime_ns, mode, opaque FROM entries"):
-            self._index(Row(*values[:6], opaque=bool(values[6])))
+        columns = "path, kind, blob, base_path, mtime_ns, mode, opaque, origin, tracked"
+        for values in self.db.execute(f"SELECT {columns} FROM entries"):
+            self._index(Row(*values[:6], opaque=bool(values[6]), origin=values[7], tracked=bool(values[8])))
 
     # -- meta -----------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -168,6 +186,7 @@ class Store:
 
     def drop_blob(self, blob: str | None) -> None:
         if blob is not None and not any(r.blob == blob for r in self.rows.values()):
+            self.db.execute("DELETE FROM written WHERE blob = ?", (blob,))
             try:
                 os.unlink(self.blob_path(blob))
             except FileNotFoundError:
@@ -177,6 +196,7 @@ class Store:
         """Forget every staged change (one transaction), then remove the blobs."""
         blobs = [r.blob for r in self.rows.values() if r.blob]
         self.db.execute("DELETE FROM entries")
+        self.db.execute("DELETE FROM written")
         self.rows.clear()
         self.children.clear()
         for blob in blobs:
@@ -201,6 +221,16 @@ class Store:
                 os.close(fd)
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
 def _local_errors(fn):
     """Local disk errors (ENOSPC, EDQUOT, ...) reach the caller as their errno."""
 
@@ -223,6 +253,7 @@ class Overlay:
         self.epoch = 0  # bumped when staging is replaced wholesale (commit, discard)
         self.live: weakref.WeakValueDictionary[str, StagingNode] = weakref.WeakValueDictionary()
         self.writers = 0  # open writable handles
+        self.blob_writers: dict[str, int] = {}  # blob -> open writable handles on it
         self.last_change = time.monotonic()
         self.lock = trio.Lock()  # held by commit/discard: changes wait for it
         self._serial = count(1)
@@ -373,7 +404,7 @@ class StagingFile(StagingNode):
         if not writing:
             row, _ = await self.overlay.resolve(self.path)
             if row is not None and row.blob is not None:
-                return BlobHandle(self.overlay, self.overlay.store.blob_path(row.blob), os.O_RDONLY)
+                return BlobHandle(self.overlay, row.blob, os.O_RDONLY)
             base = await self.overlay.base_file(row, self.path)
             if base is None:
                 raise enoent()
@@ -381,7 +412,7 @@ class StagingFile(StagingNode):
         async with self.overlay.lock:
             blob = await self._copy_up(truncate=bool(flags & os.O_TRUNC))
             self.overlay.touch()
-        return BlobHandle(self.overlay, self.overlay.store.blob_path(blob), os.O_RDWR)
+        return BlobHandle(self.overlay, blob, os.O_RDWR)
 
     async def _copy_up(self, truncate: bool = False) -> str:
         """Make sure this file's content is in a blob of its own; return the blob."""
@@ -401,14 +432,18 @@ class StagingFile(StagingNode):
         mtime = row.mtime_ns if row is not None and row.mtime_ns is not None else base.mtime_ns
         os.chmod(path, row.mode if row is not None and row.mode is not None else FILE_MODE)
         os.utime(path, ns=(mtime, mtime))
-        store.put(Row(self.path, "file", blob=blob))
+        origin = None if truncate else (row.base_path if row is not None and row.base_path else self.path)
+        store.put(Row(self.path, "file", blob=blob, origin=origin, tracked=origin is not None))
         return blob
 
     async def _setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
         store = self.overlay.store
         if size is not None:
             blob = await self._copy_up(truncate=size == 0)
+            old = os.path.getsize(store.blob_path(blob))
             os.truncate(store.blob_path(blob), size)
+            if old != size:
+                store.add_written(blob, [(min(old, size), max(old, size))])
         row, _ = await self.overlay.resolve(self.path)
         if row is not None and row.blob is not None:
             path = store.blob_path(row.blob)
@@ -498,7 +533,7 @@ class StagingDir(StagingNode):
             store.put(Row(path, "file", blob=blob))
             self.overlay.touch()
         node = await self.overlay.node(path)
-        return node, BlobHandle(self.overlay, store.blob_path(blob), os.O_RDWR)
+        return node, BlobHandle(self.overlay, blob, os.O_RDWR)
 
     @_local_errors
     async def mkdir(self, name: str, mode: int) -> Node:
@@ -611,14 +646,24 @@ class StagingDir(StagingNode):
 
 class BlobHandle(Handle):
     """An open staged file: reads and writes go to its blob with pread/pwrite on
-    the trio loop (page-cache copies); only fsync leaves the loop."""
+    the trio loop (page-cache copies); only fsync leaves the loop.
 
-    def __init__(self, overlay: Overlay, path: str, flags: int):
-        self.overlay = overlay
-        self.fd = os.open(path, flags)
+    A writer records the ranges it writes. While any writer has the blob open,
+    its row is marked untracked in the database, so a crash before the ranges
+    are saved makes the commit compare the whole file instead of trusting them.
+    """
+
+    def __init__(self, overlay: Overlay, blob: str, flags: int):
+        self.overlay, self.blob = overlay, blob
+        self.fd = os.open(overlay.store.blob_path(blob), flags)
         self.writable = flags != os.O_RDONLY
+        self.ranges: list[tuple[int, int]] = []
         if self.writable:
             overlay.writers += 1
+            overlay.blob_writers[blob] = overlay.blob_writers.get(blob, 0) + 1
+            self.was_tracked = any(r.blob == blob and r.tracked for r in overlay.store.rows.values())
+            if self.was_tracked and overlay.blob_writers[blob] == 1:
+                overlay.store.set_tracked(blob, False)
 
     @_local_errors
     async def read(self, offset: int, size: int) -> bytes:
@@ -627,18 +672,36 @@ class BlobHandle(Handle):
     @_local_errors
     async def write(self, offset: int, data: bytes) -> int:
         written = os.pwrite(self.fd, data, offset)
+        if self.ranges and self.ranges[-1][1] == offset:
+            self.ranges[-1] = (self.ranges[-1][0], offset + written)  # sequential: one range
+        else:
+            self.ranges.append((offset, offset + written))
         self.overlay.touch()
         return written
 
+    def _save_ranges(self) -> None:
+        if self.ranges:
+            self.overlay.store.add_written(self.blob, merge_ranges(self.ranges))
+            self.ranges = []
+
     @_local_errors
     async def fsync(self) -> None:
+        self._save_ranges()
         await trio.to_thread.run_sync(os.fsync, self.fd)
         await trio.to_thread.run_sync(self.overlay.store.sync)
 
     async def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            if self.writable:
-                self.overlay.writers -= 1
-                self.overlay.touch()
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        if self.writable:
+            overlay = self.overlay
+            self._save_ranges()
+            overlay.writers -= 1
+            overlay.blob_writers[self.blob] -= 1
+            if not overlay.blob_writers[self.blob]:
+                del overlay.blob_writers[self.blob]
+                if self.was_tracked:
+                    overlay.store.set_tracked(self.blob, True)
+            overlay.touch()

@@ -80,6 +80,9 @@ class Change:
     kind: str
     local: str | None = None
     base_path: str | None = None
+    # For a file edited in place: the only byte ranges that can differ from the
+    # parent's file at the same path (None: anything may differ).
+    written: tuple[tuple[int, int], ...] | None = None
 
 
 class Backend(Protocol):

@@ -160,7 +160,7 @@ class _Writer:
             array = _load_npy(change.local) if change.local is not None else _parse_npy(self.content(change))
             if array is not None:
                 name = h5path if kind else h5path[: -len(".npy")]
-                self.put_array(name, array, change.path, exists=kind is not None)
+                self.put_array(name, array, change.path, exists=kind is not None, written=change.written)
                 return name
             if kind:
                 raise CommitError(f"{change.path}: not a valid .npy file (it replaces dataset /{h5path})")
@@ -183,7 +183,8 @@ class _Writer:
             if key not in INTERNAL_ATTRS:
                 self.g[dest].attrs[key] = value
 
-    def put_array(self, name: str, array: np.ndarray, shown: str, exists: bool) -> None:
+    def put_array(self, name: str, array: np.ndarray, shown: str, exists: bool,
+                  written: tuple[tuple[int, int], ...] | None = None) -> None:
         if not exists or name not in self.g:
             return self._create(name, array, guess_chunk(array.shape, None, array.dtype.itemsize) if array.ndim else None, None)
         ds = self.g[name]
@@ -204,6 +205,15 @@ class _Writer:
         step = max(chunk0, (SLAB_BYTES // row_bytes) // chunk0 * chunk0)
         old = self.prev_group.get(name)
         comparable = isinstance(old, h5py.Dataset) and old.dtype == array.dtype and old.shape[1:] == array.shape[1:]
+        rows = _written_chunk_rows(written, array, chunk0) if comparable and old.shape == array.shape else None
+        if rows is not None:
+            # An in-place edit: only the chunk rows it wrote can differ.
+            for row in rows:
+                stop = min(row + chunk0, array.shape[0])
+                new = np.ascontiguousarray(array[row:stop])
+                if _differing_chunk_rows(np.ascontiguousarray(old[row:stop]), new, chunk0):
+                    ds[row:stop] = new
+            return
         for start in range(0, array.shape[0], step):
             new = np.ascontiguousarray(array[start : start + step])
             stop = start + len(new)
@@ -357,6 +367,22 @@ def _parse_npy(data: bytes) -> np.ndarray | None:
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         return None
     return np.ascontiguousarray(array)
+
+
+def _written_chunk_rows(written: tuple[tuple[int, int], ...] | None, array: np.ndarray, chunk0: int) -> list[int] | None:
+    """First rows of the chunk runs that written byte ranges of the .npy touch;
+    None if unknown or if the header was written (then compare everything)."""
+    if written is None or not isinstance(array, np.memmap):
+        return None
+    header = array.offset
+    row_bytes = array.nbytes // array.shape[0] if array.shape[0] else 0
+    if not row_bytes or any(start < header for start, _ in written):
+        return None
+    runs: set[int] = set()
+    for start, stop in written:
+        first, last = (start - header) // row_bytes, (stop - 1 - header) // row_bytes
+        runs.update(range(first // chunk0 * chunk0, min(last, array.shape[0] - 1) + 1, chunk0))
+    return sorted(r for r in runs if r < array.shape[0])
 
 
 def _differing_chunk_rows(before: np.ndarray, after: np.ndarray, chunk0: int) -> list[int]:
