@@ -155,6 +155,7 @@ def test_demo(tmp_path):
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt)
         assert str(mnt) in result.stdout and "diff -r" in result.stdout
+        assert f"{mnt}/staging/" in result.stdout and "versionfs commit" in result.stdout
         assert os.listdir(mnt / "versions") == ["__first_version__", "2024-01", "2024-02", "2024-02-fix"]
         diff = subprocess.run(["diff", "-r", str(mnt / "versions/2024-02"), str(mnt / "versions/2024-02-fix")], capture_output=True, text=True)
         assert diff.returncode == 1 and "rain_mm.npy" in diff.stdout and "sunshine_h.npy" in diff.stdout

@@ -227,3 +227,10 @@ def test_stop_waits_for_a_running_commit(tmp_path, mount):
     m2 = mount(src, "--state-dir", str(m.state))
     assert np.load(m2.path / "versions/during-stop/y.npy").shape == (4_000_000,)
     assert run_versionfs("status", str(m2.path)).stdout == ""
+
+
+def test_secrets_never_reach_the_log():
+    code = "import logging; from versionfs import logs; logs.setup(False); logging.getLogger('x').error('key is %s', 'S3CRETVALUE123')"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "S3CRETVALUE123"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "S3CRETVALUE123" not in result.stderr and "[redacted]" in result.stderr
