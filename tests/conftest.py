@@ -94,6 +94,15 @@ class Mounter:
 
 
 @pytest.fixture
+def mnt(tmp_path) -> Iterator[Path]:
+    """An empty mount point; whatever gets mounted there is taken down after."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    force_unmount(path, daemon_pid(path) if is_mounted(path) else None)
+
+
+@pytest.fixture
 def mount(tmp_path_factory) -> Iterator[Mounter]:
     """``mount(source, *extra_args)`` mounts on a fresh directory; all are undone."""
     mounter = Mounter(tmp_path_factory)

@@ -23,13 +23,6 @@ def good(tmp_path):
     return make_versions(tmp_path / "good.h5", lambda g: g.create_dataset("x", data=np.arange(5)))
 
 
-@pytest.fixture
-def mnt(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    force_unmount(path, daemon_pid(path) if is_mounted(path) else None)
-
 
 def assert_one_line_error(result, *words):
     assert result.returncode != 0

@@ -215,7 +215,7 @@ def test_conflicts_and_rebase(src, tmp_path, mount):
     assert sorted(vfs("status", str(m2.path)).stdout.split()) == sorted(["M", "x.npy", "A", "mine.bin"])
     # Undo the conflicting path: the rest commits on top of their version.
     subprocess.run(["cp", str(m2.path / "latest/x.npy"), str(m2.path / "staging/x.npy")], check=True)
-    name = commit(m2)
+    commit(m2)
     f, vf, v = library(src)
     with f:
         assert v["x"][1] == 111 and v["x"][0] == 0 and "mine.bin" in v

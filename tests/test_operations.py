@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import VERSIONFS, daemon_pid, force_unmount, is_mounted, run_versionfs
+from conftest import VERSIONFS, is_mounted, run_versionfs
 from helpers import make_versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,13 +28,6 @@ UNITS = ["versionfs@.service", "versionfs-sync@.service", "versionfs-sync@.timer
 def src(tmp_path):
     return make_versions(tmp_path / "ops.h5", lambda g: g.create_dataset("x", data=np.arange(10)))
 
-
-@pytest.fixture
-def mnt(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    force_unmount(path, daemon_pid(path) if is_mounted(path) else None)
 
 
 def mount_options(path: Path) -> list[str]:

@@ -3,10 +3,8 @@ local directory must leave identical trees, after every step and after a remount
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, precondition
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from conftest import Mounter, force_unmount, run_versionfs
+from conftest import force_unmount, run_versionfs
 from helpers import make_versions
 from test_staging_tools import tree
 
