@@ -185,12 +185,16 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: OrderedDict[str, bytes] = OrderedDict()
         self._logged: set[str] = set()
+        self._committed: dict[str, VersionInfo] = {}
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
         group = self.f[VERSIONS_GROUP]
         infos: dict[str, VersionInfo] = {}
         for name in group:
+            if name in self._committed:  # a committed version never changes: read it once
+                infos[name] = self._committed[name]
+                continue
             attrs = group[name].attrs
             if name != FIRST_VERSION and not attrs.get("committed", False):
                 continue  # a version a writer never finished: the library hides it too
@@ -207,6 +211,7 @@ class HDF5Backend:
                 attrs=user_attrs(group[name]),
                 placeholder=name == FIRST_VERSION,
             )
+            self._committed[name] = infos[name]
 
         def depth(name: str) -> int:
             n, seen = 0, set()
