@@ -186,6 +186,7 @@ class HDF5Backend:
         self._texts: OrderedDict[str, bytes] = OrderedDict()
         self._logged: set[str] = set()
         self._committed: dict[str, VersionInfo] = {}
+        from . import hdf5_write  # noqa: F401 - loaded now, so that the first commit does not wait for it
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
