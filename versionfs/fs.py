@@ -279,4 +279,4 @@ class VersionFS(pyfuse3.Operations):
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._node(inode).setxattr(os.fsdecode(name), b"")
+        await self._node(inode).setxattr(os.fsdecode(name), None)

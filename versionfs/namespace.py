@@ -88,7 +88,8 @@ class Node:
         """Symlinks, hard links and device nodes."""
         raise FsError(errno.EROFS)
 
-    async def setxattr(self, name: str, value: bytes) -> None:
+    async def setxattr(self, name: str, value: bytes | None) -> None:
+        """Set (or, with None, remove) an extended attribute."""
         raise FsError(errno.EROFS)
 
 

@@ -366,7 +366,7 @@ class StagingNode(Node):
     async def make_special(self, name: str, kind: str) -> Node:
         raise FsError(errno.EPERM, f"{kind}s are not supported in staging")
 
-    async def setxattr(self, name: str, value: bytes) -> None:
+    async def setxattr(self, name: str, value: bytes | None) -> None:
         raise FsError(errno.ENOTSUP, "extended attributes are not stored")
 
     @_local_errors
