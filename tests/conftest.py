@@ -17,6 +17,17 @@ from typing import Iterator
 
 import pytest
 
+from s3servers import ministack_endpoint, moto_endpoint  # noqa: F401 - fixtures
+
+# Tests never reach a real cloud: dummy credentials, no profile, no instance
+# metadata service; S3 tests talk to servers on 127.0.0.1 only.
+for _var in [v for v in os.environ if v.startswith("AWS_")]:
+    del os.environ[_var]
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-key", AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+)
+
 VERSIONFS = [sys.executable, "-m", "versionfs"]
 
 

@@ -28,6 +28,7 @@ behaviour right (xfail(strict=True) per server), and /tmp/s3-notes.md has the ta
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -131,12 +132,16 @@ class S3Server:
             raise S3ServerError(f"{self.kind} server already started")
         self._workdir = Path(tempfile.mkdtemp(prefix=f"versionfs-{self.kind}-"))
         last_error: Exception | None = None
-        for _ in range(attempts):
-            try:
-                return self._start_once()
-            except _PortLost as e:  # another process took the port between probe and bind
-                last_error = e
-                self._kill()
+        try:
+            for _ in range(attempts):
+                try:
+                    return self._start_once()
+                except _PortLost as e:  # another process took the port between probe and bind
+                    last_error = e
+                    self._kill()
+        except BaseException:  # start-up failure, timeout, Ctrl-C: leave nothing behind
+            self.stop()
+            raise
         self.stop()
         raise S3ServerError(f"{self.kind} server did not start: {last_error}")
 
@@ -170,14 +175,12 @@ class S3Server:
             rc = self.proc.poll()
             if rc is not None:
                 log_text = self.log
-                if "already in use" in log_text or "Address already in use" in log_text:
+                if "already in use" in log_text:  # moto: "Address already in use"; ministack: "... is already in use"
                     raise _PortLost(f"port {port} taken")
-                self.proc = None
                 raise S3ServerError(f"{self.kind} server exited with {rc} during start-up:\n{log_text[-4000:]}")
             if _answers(url + _READY_PATH[self.kind]):
                 break
             if time.monotonic() > deadline:
-                self.stop()
                 raise S3ServerError(
                     f"{self.kind} server did not answer on {url} within {self.startup_timeout}s:\n{self.log[-4000:]}"
                 )
@@ -269,7 +272,6 @@ def make_client(endpoint_url: str, **config: Any):
     defaults below). Environment proxies are ignored (``proxies={}``); retries are
     off so a server error shows up as the error, not as a slow retry loop.
     """
-    import boto3
     from botocore.config import Config
 
     cfg: dict[str, Any] = dict(
@@ -281,12 +283,20 @@ def make_client(endpoint_url: str, **config: Any):
         proxies={},
     )
     cfg.update(config)
-    session = boto3.session.Session(
+    return _session().client("s3", endpoint_url=endpoint_url, config=Config(**cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _session():
+    """One boto3 session for all test clients: its loader caches the service model
+    (a new session per client costs ~0.4 s)."""
+    import boto3
+
+    return boto3.session.Session(
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
         region_name=REGION,
     )
-    return session.client("s3", endpoint_url=endpoint_url, config=Config(**cfg))
 
 
 def unique_bucket_name(prefix: str = "vfs") -> str:
@@ -311,15 +321,15 @@ def make_versioned_bucket(client, name: str | None = None) -> str:
 
 
 # -- pytest fixtures (session-scoped) -------------------------------------------------
-def _endpoint_fixture(kind: str):
-    @pytest.fixture(scope="session", name=f"{kind}_endpoint")
-    def fixture() -> Iterator[str]:
-        with s3_server(kind) as url:
-            yield url
-
-    fixture.__doc__ = f"Endpoint URL of a {kind} S3 server on 127.0.0.1, one per test session."
-    return fixture
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Endpoint URL (http://127.0.0.1:PORT) of a moto_server, one per test session."""
+    with s3_server("moto") as url:
+        yield url
 
 
-moto_endpoint = _endpoint_fixture("moto")
-ministack_endpoint = _endpoint_fixture("ministack")
+@pytest.fixture(scope="session")
+def ministack_endpoint() -> Iterator[str]:
+    """Endpoint URL (http://127.0.0.1:PORT) of a ministack S3 server, one per test session."""
+    with s3_server("ministack") as url:
+        yield url

@@ -21,16 +21,16 @@ def resolve_source(source_or_mountpoint: str) -> str:
     return source_or_mountpoint
 
 
-def versions(source: str) -> tuple[list[VersionInfo], str | None]:
-    backend = open_backend(resolve_source(source))
+def versions(source: str, endpoint_url: str | None = None) -> tuple[list[VersionInfo], str | None]:
+    backend = open_backend(resolve_source(source), endpoint_url)
     try:
         return backend.versions(), backend.current()
     finally:
         backend.close()
 
 
-def log_lines(source: str, as_json: bool) -> list[str]:
-    infos, current = versions(source)
+def log_lines(source: str, as_json: bool, endpoint_url: str | None = None) -> list[str]:
+    infos, current = versions(source, endpoint_url)
     if as_json:
         doc = [
             {
@@ -50,10 +50,13 @@ def log_lines(source: str, as_json: bool) -> list[str]:
     ]
 
 
-def init(source: str) -> str:
-    """Create an empty versioned HDF5 file; refuse to touch an existing one."""
+def init(source: str, endpoint_url: str | None = None) -> str:
+    """Create an empty versioned HDF5 file (refusing an existing one), or enable
+    versioning on a bucket."""
     if source.startswith("s3://"):
-        raise SourceError(f"{source}: S3 sources are not supported yet")
+        from .backends.s3 import enable_versioning
+
+        return enable_versioning(source, endpoint_url)
     import h5py
     from versioned_hdf5 import VersionedHDF5File
 

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options, comma separated (ro, allow_other, ...)")
     m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
     m.add_argument("--autocommit", type=float, metavar="SECONDS", help="commit staging once it has been idle this long")
+    m.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     c = sub.add_parser("commit", help="turn staging/ into the next version")
@@ -53,9 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("log", help="list versions, oldest first")
     lg.add_argument("source", help="a source or a versionfs mount point")
     lg.add_argument("--json", action="store_true", help="machine-readable output")
+    lg.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
 
-    i = sub.add_parser("init", help="create an empty versioned HDF5 file")
+    i = sub.add_parser("init", help="create an empty versioned HDF5 file, or enable versioning on a bucket")
     i.add_argument("source")
+    i.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
 
     h = sub.add_parser("mount-helper", help=argparse.SUPPRESS)  # mount.fuse.versionfs (mount(8))
     h.add_argument("argv", nargs=argparse.REMAINDER)
@@ -73,7 +76,8 @@ def _mount(args: argparse.Namespace) -> None:
     from . import daemon
 
     opts = daemon.MountOptions(
-        args.source, args.mountpoint, _mount_options(args.options), args.debug, args.state_dir, args.autocommit
+        args.source, args.mountpoint, _mount_options(args.options), args.debug, args.state_dir, args.autocommit,
+        args.endpoint_url,
     )
     if args.foreground:
         daemon.serve(opts, daemon.ready_writer(args.ready_fd))
@@ -82,6 +86,7 @@ def _mount(args: argparse.Namespace) -> None:
     child += [f"-o{o}" for o in opts.fuse_options]
     child += ["--state-dir", args.state_dir] if args.state_dir else []
     child += ["--autocommit", str(args.autocommit)] if args.autocommit else []
+    child += ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
     daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
 
 
@@ -135,11 +140,11 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "log":
         from .admin import log_lines
 
-        print("\n".join(log_lines(args.source, args.json)))
+        print("\n".join(log_lines(args.source, args.json, args.endpoint_url)))
     elif args.command == "init":
         from .admin import init
 
-        print(init(args.source))
+        print(init(args.source, args.endpoint_url))
     elif args.command == "demo":
         _demo(args)
     elif args.command == "mount-helper":

@@ -26,7 +26,7 @@ from . import control
 from .backends.base import Backend
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
-from .errors import SourceError, UserError
+from .errors import UserError
 from .fs import VersionFS
 from .namespace import Namespace
 from .staging import Overlay
@@ -47,15 +47,18 @@ class MountOptions:
     debug: bool = False
     state_dir: str | None = None
     autocommit: float | None = None
+    endpoint_url: str | None = None
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.fuse_options
 
 
-def open_backend(source: str) -> Backend:
+def open_backend(source: str, endpoint_url: str | None = None) -> Backend:
     if source.startswith("s3://"):
-        raise SourceError(f"{source}: S3 sources are not supported yet")
+        from .backends.s3 import S3Backend
+
+        return S3Backend(source, endpoint_url)
     from .backends.hdf5 import HDF5Backend
 
     return HDF5Backend(source)
@@ -114,7 +117,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
-        backend = worker.call(open_backend, source)
+        backend = worker.call(open_backend, source, opts.endpoint_url)
         check_mountpoint(mountpoint)
         check_fuse_device()
         namespace = Namespace(backend, worker)
@@ -125,7 +128,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             XATTR_SOURCE: os.fsencode(backend.description),
         }
         committer = None
-        if not opts.read_only:
+        if not opts.read_only and hasattr(backend, "commit"):
             overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))
             finish_interrupted(overlay, set(namespace.by_name))
             namespace.overlay = overlay

@@ -9,11 +9,15 @@ thread, never on the trio loop.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Union
 
 from ..selectors import format_utc
+
+
+NAME_MAX = 255  # bytes in one file name (Linux)
 
 
 @dataclass(frozen=True)
@@ -137,3 +141,15 @@ def version_json(version: VersionInfo, extra: Mapping[str, Any] | None = None) -
         **(extra or {}),
     }
     return canonical_json(doc)
+
+
+def safe_name(name: str, ext: str, taken: set[str], reserved: frozenset[str] = frozenset()) -> str:
+    """The shown name for a stored name: itself plus ``ext`` unless that is taken,
+    reserved or longer than 255 bytes; then ``<stem>~<hash8><ext>`` (README: odd names)."""
+    shown = name + ext
+    if shown not in taken and shown not in reserved and len(shown.encode()) <= NAME_MAX:
+        return shown
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    suffix = f"~{digest}{ext}"
+    stem = name.encode("utf-8", "surrogateescape")[: NAME_MAX - len(suffix.encode())]
+    return stem.decode("utf-8", "ignore") + suffix

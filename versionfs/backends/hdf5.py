@@ -10,7 +10,6 @@ The versioned-hdf5 library itself is only asked whether it accepts the file.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -23,7 +22,7 @@ import numpy as np
 from .. import journal
 from ..errors import SourceError
 from . import npy
-from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, version_json
+from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, safe_name, version_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
-NAME_MAX = 255
 TEXT_CACHE_BYTES = 64 << 20
 
 
@@ -153,18 +151,6 @@ def user_attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {k: attr_to_json(v) for k, v in obj.attrs.items() if k not in INTERNAL_ATTRS}
 
 
-def safe_name(name: str, ext: str, taken: set[str]) -> str:
-    """The display name for an HDF5 name: itself plus ``ext`` unless that is taken,
-    reserved or longer than 255 bytes; then ``<stem>~<hash8><ext>`` (documented)."""
-    shown = name + ext
-    if shown not in taken and shown not in RESERVED_NAMES and len(shown.encode()) <= NAME_MAX:
-        return shown
-    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    suffix = f"~{digest}{ext}"
-    stem = name.encode("utf-8", "surrogateescape")[: NAME_MAX - len(suffix.encode())]
-    return stem.decode("utf-8", "ignore") + suffix
-
-
 def file_kind(dtype: np.dtype) -> str | None:
     """'npy', 'text', or None for dtypes versionfs cannot show as a file."""
     info = h5py.check_string_dtype(dtype)
@@ -265,7 +251,7 @@ class HDF5Backend:
             (groups if isinstance(obj, h5py.Group) else datasets).append((name, obj))
         taken: set[str] = set()
         for name, obj in groups:
-            shown = self._show(safe_name(name, "", taken), name, path, notes)
+            shown = self._show(safe_name(name, "", taken, RESERVED_NAMES), name, path, notes)
             taken.add(shown)
             node.children[shown] = self._dir(obj, f"{path}/{name}", mtime, notes)
         for name, obj in datasets:
@@ -277,7 +263,7 @@ class HDF5Backend:
                 self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
                 continue
             ext = {"npy": ".npy", "text": ".txt", "raw": ""}[kind]
-            shown = self._show(safe_name(name, ext, taken), name + ext, path, notes)
+            shown = self._show(safe_name(name, ext, taken, RESERVED_NAMES), name + ext, path, notes)
             taken.add(shown)
             node.children[shown] = self._file(obj, kind, mtime)
             if obj.attrs.keys() - INTERNAL_ATTRS:
