@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from dataclasses import dataclass
 
 import trio
 
 from .backends.base import Change, Dir, File, Progress, find
-from .errors import UserError
+from .errors import ConflictError, UserError
 from .namespace import Namespace
 from .selectors import parse
 from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into, join
 
 log = logging.getLogger(__name__)
-COMPARE_CHUNK = 8 << 20
 FIRST_VERSION = "__first_version__"
 EXIT_CONFLICT = 3
 
@@ -38,7 +36,7 @@ class CommitRefused(UserError):
     exit_code = 1
 
 
-class Conflict(CommitRefused):
+class Conflict(ConflictError):
     exit_code = EXIT_CONFLICT
 
     def __init__(self, base: str, latest: str, paths: list[str]):
@@ -91,35 +89,13 @@ def candidate_changes(rows: dict[str, Row], base: Dir, store) -> list[Change]:
     return changes
 
 
-def same_bytes(backend, entry: File, local: str, written: tuple[tuple[int, int], ...] | None = None) -> bool:
-    """Whether a local file holds exactly the bytes of a version's file (blocking).
-    ``written``: the only ranges that can differ (an in-place edit)."""
-    size = os.path.getsize(local)
-    if entry.content is not None:
-        with open(local, "rb") as f:
-            return f.read() == entry.content
-    if entry.size is None:
-        entry.size = backend.file_size(entry.ref)
-    if size != entry.size:
-        return False
-    ranges = written if written is not None else [(0, size)]
-    with open(local, "rb") as f:
-        for start, stop in ranges:
-            for offset in range(start, min(stop, size), COMPARE_CHUNK):
-                length = min(COMPARE_CHUNK, stop - offset)
-                f.seek(offset)
-                if f.read(length) != bytes(backend.read(entry.ref, offset, length)):
-                    return False
-    return True
-
-
 def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
     """Drop rewrites with identical content (blocking: reads data)."""
     out = []
     for change in changes:
         entry = find(base, change.path)
         if change.kind == "file" and change.local is not None and isinstance(entry, File):
-            if same_bytes(backend, entry, change.local, change.written):
+            if backend.same_content(entry, change.local, change.written):
                 continue
         out.append(change)
     return out
@@ -144,7 +120,7 @@ def already_in(backend, change: Change, entry) -> bool:
         return entry is None
     if change.kind == "dir":
         return isinstance(entry, Dir)
-    return isinstance(entry, File) and change.local is not None and same_bytes(backend, entry, change.local)
+    return isinstance(entry, File) and change.local is not None and backend.same_content(entry, change.local, None)
 
 
 def same_entry(backend, a, b) -> bool:
@@ -252,14 +228,16 @@ class Committer:
                 self.overlay.reset(latest_name)
                 return None
         taken = set(self.ns.by_name)
-        if name is None:
-            name = default_version_name(taken)
-        check_version_name(name, taken)
+        if self.ns.backend.names_versions:
+            name = name if name is not None else default_version_name(taken)
+            check_version_name(name, taken)
+        elif name is not None:
+            raise CommitRefused(f"{self.ns.backend.description}: versions are named by the time of the change; -n cannot name one")
         store = self.overlay.store
-        store.set_meta("committing", name)
+        store.set_meta("committing", name or "")  # "": the name is known only afterwards
         await trio.to_thread.run_sync(store.sync)
         try:
-            await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree, progress)
+            name = await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree, progress)
         except BaseException:
             store.set_meta("committing", None)
             raise
@@ -329,7 +307,12 @@ def finish_interrupted(overlay: Overlay, versions: set[str]) -> None:
     name = overlay.store.meta("committing")
     if name is None:
         return
-    if name in versions:
+    if name == "":
+        # A store that names versions itself (S3): what was written is now in the
+        # latest version, so the next commit finds those paths already there.
+        log.warning("a commit was interrupted: staging is kept; the next commit writes what is missing")
+        overlay.store.set_meta("committing", None)
+    elif name in versions:
         log.warning("the commit of %s completed before the daemon stopped: staging is now empty", name)
         overlay.reset(name)
     else:

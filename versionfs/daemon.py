@@ -185,6 +185,8 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
             await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
             if opts.autocommit:
                 nursery.start_soon(_autocommit, committer, opts.autocommit)
+        if namespace.backend.poll_interval:
+            nursery.start_soon(_watch_versions, namespace, namespace.backend.poll_interval)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()
@@ -210,6 +212,17 @@ async def _autocommit(committer: Committer, idle_seconds: float) -> None:
             except UserError as e:
                 log.warning("autocommit: %s", e)
                 failed_state = overlay.last_change  # retried once staging changes again
+
+
+async def _watch_versions(namespace: Namespace, interval: float) -> None:
+    """Other writers' versions appear within ``interval`` seconds."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            if await namespace.reload():
+                namespace.notify_changed()
+        except Exception as e:  # noqa: BLE001 - a store hiccup must not end the daemon
+            log.warning("cannot list versions: %s", e)
 
 
 async def _on_signals() -> None:

@@ -13,6 +13,12 @@ class SourceError(UserError):
     """The source (an HDF5 file, an S3 prefix) cannot be used as asked."""
 
 
+class ConflictError(UserError):
+    """Someone else changed what a commit was about to change (exit code 3)."""
+
+    exit_code = 3
+
+
 class FsError(Exception):
     """A file-system answer other than success: carries the errno to return."""
 

@@ -278,8 +278,11 @@ class Namespace:
         self.index = selectors.VersionIndex(real, [v.timestamp for v in real])
         self._current = current if current in self.by_name else (versions[-1].name if versions else None)
 
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
+        """Read the version list again; True if it changed."""
+        before = ([v.name for v in self.all_versions], self._current)
         await self.worker.run(self.load)
+        return ([v.name for v in self.all_versions], self._current) != before
 
     def current_info(self) -> VersionInfo | None:
         return self.by_name.get(self._current) if self._current else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Union
 
@@ -93,6 +94,8 @@ class Backend(Protocol):
     """What the namespace needs from a source of versions (all calls block)."""
 
     description: str
+    names_versions: bool  # a commit may choose the new version's name
+    poll_interval: float | None  # seconds between looks for other writers' versions
 
     def versions(self) -> list[VersionInfo]:
         """Every version, oldest first."""
@@ -109,14 +112,18 @@ class Backend(Protocol):
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
 
+    def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
+        """Whether a local file provably holds the bytes of a version's file."""
+
     def fingerprint(self, ref: Any) -> Any:
         """Equal for two files of any versions exactly when their content is,
         computed without reading data where the format allows (conflict checks)."""
 
-    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
-               progress: Progress | None = None) -> None:
-        """Make ``changes`` on top of version ``parent`` the new version ``name``,
-        atomically and durably, reporting ``progress(done, total)`` in changes."""
+    def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
+               parent_tree: Dir, progress: Progress | None = None) -> str:
+        """Make ``changes`` on top of version ``parent`` a new version and return
+        its name (``name``, where the backend names versions), reporting
+        ``progress(done, total)`` in changes."""
 
     def close(self) -> None: ...
 
@@ -124,6 +131,31 @@ class Backend(Protocol):
 def to_ns(instant: dt.datetime) -> int:
     delta = instant - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+COMPARE_CHUNK = 8 << 20
+
+
+def compare_by_reading(backend: Backend, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
+    """Whether a local file holds exactly the bytes of a version's file, by reading
+    both (blocking). ``written``: the only ranges that can differ (an in-place edit)."""
+    size = os.path.getsize(local)
+    if entry.content is not None:
+        with open(local, "rb") as f:
+            return f.read() == entry.content
+    if entry.size is None:
+        entry.size = backend.file_size(entry.ref)
+    if size != entry.size:
+        return False
+    ranges = written if written is not None else [(0, size)]
+    with open(local, "rb") as f:
+        for start, stop in ranges:
+            for offset in range(start, min(stop, size), COMPARE_CHUNK):
+                length = min(COMPARE_CHUNK, stop - offset)
+                f.seek(offset)
+                if f.read(length) != bytes(backend.read(entry.ref, offset, length)):
+                    return False
+    return True
 
 
 def canonical_json(value: Any) -> bytes:

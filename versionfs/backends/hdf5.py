@@ -22,7 +22,7 @@ import numpy as np
 from .. import journal
 from ..errors import SourceError
 from . import npy
-from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, safe_name, version_json
+from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, compare_by_reading, safe_name, version_json
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,9 @@ def file_kind(dtype: np.dtype) -> str | None:
 
 class HDF5Backend:
     """Versions of one versioned-HDF5 file (see the module docstring)."""
+
+    names_versions = True
+    poll_interval = None  # the file is locked while mounted: only our commits add versions
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -325,6 +328,9 @@ class HDF5Backend:
             return self._dataset(ref.h5path)[offset : offset + length].tobytes()
         return self._read_npy(ref, offset, length)
 
+    def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
+        return compare_by_reading(self, entry, local, written)
+
     def fingerprint(self, ref: Any) -> Any:
         """Shape, dtype, fill value and the chunk mapping: equal exactly when two
         versions of a dataset hold the same data (chunks are content-addressed)."""
@@ -335,8 +341,8 @@ class HDF5Backend:
         ]
         return (ds.shape, ds.dtype.str, repr(ds.fillvalue), mapping)
 
-    def commit(self, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
-               progress: Progress | None = None) -> None:
+    def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
+               parent_tree: Dir, progress: Progress | None = None) -> str:
         from . import hdf5_write
 
         # The read handle holds a shared lock and h5py cannot have the file open
@@ -346,6 +352,7 @@ class HDF5Backend:
             hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
         finally:
             self.f = open_file(self.path)
+        return name
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
         head, itemsize = len(ref.header), ref.dtype.itemsize

@@ -13,22 +13,29 @@ lists and loses how they interleave, so the listing's XML is read for the order.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import logging
+import os
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
-from ..errors import SourceError
-from .base import NAME_MAX, Dir, File, VersionInfo, safe_name, to_ns
+from ..errors import ConflictError, SourceError
+from .base import NAME_MAX, Change, Dir, File, Progress, VersionInfo, find, safe_name, to_ns
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
 RANGE_PART = 8 << 20  # bytes per ranged GET
 PARALLEL_GETS = 8
+MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
+PART_SIZE = 16 << 20
+SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
+MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ def path_parts(relative_key: str) -> list[str] | None:
 
 class S3Backend:
     """Versions of one prefix (see the module docstring)."""
+
+    names_versions = False  # a version is the instant of its writes
+    poll_interval = 5.0  # other writers' versions appear within seconds
 
     def __init__(self, url: str, endpoint_url: str | None = None):
         import boto3
@@ -246,11 +256,144 @@ class S3Backend:
             raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {stop - start} bytes at {start}, got {len(data)}")
         return data
 
+    # -- equality ---------------------------------------------------------------------
+    def same_content(self, entry: File, local: str, written: Any = None) -> bool:
+        """Whether a local file provably holds an object version's bytes, from what
+        the store keeps about it (never by downloading it): the SHA-256 versionfs
+        stores, the store's SHA-256 checksum, an MD5 ETag, or a multipart ETag
+        recomputed for the usual part sizes. Unproven means "upload"."""
+        ref: S3Ref = entry.ref
+        if os.path.getsize(local) != ref.size:
+            return False
+        head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id, ChecksumMode="ENABLED")
+        stored = head.get("Metadata", {}).get(SHA_META)
+        if stored:
+            return stored == file_digests(local)["sha256"]
+        checksum = head.get("ChecksumSHA256")
+        if checksum and "-" not in checksum:
+            return checksum == base64.b64encode(bytes.fromhex(file_digests(local)["sha256"])).decode()
+        etag = (head.get("ETag") or ref.etag or "").strip('"')
+        if not etag:
+            return False
+        if "-" not in etag:
+            return etag == file_digests(local)["md5"]
+        parts = int(etag.rsplit("-", 1)[1])
+        return any(multipart_etag(local, size) == etag for size in guess_part_sizes(ref.size, parts))
+
     def fingerprint(self, ref: S3Ref) -> Any:
         # A version id names one immutable content; so does an MD5 ETag with its size.
         if ref.etag and "-" not in ref.etag:
             return ("etag", ref.etag, ref.size)
         return ("version", ref.key, ref.version_id)
+
+    # -- commits ------------------------------------------------------------------------
+    def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
+               parent_tree: Dir, progress: Progress | None = None) -> str:
+        """Write the changes as new object versions and delete markers. Every write
+        is conditional on what staging's base had (If-Match its ETag, or
+        If-None-Match for a new key): another writer's change is a conflict."""
+        written: list[str] = []
+        metadata = {MESSAGE_META: quote(message)} if message else {}
+        try:
+            for done, change in enumerate(changes):
+                if progress is not None:
+                    progress(done, len(changes))
+                base = find(parent_tree, change.path)
+                if change.kind == "dir":
+                    continue  # S3 has no directories: an empty one is not stored
+                if change.kind == "delete":
+                    targets = _files_below(base) if isinstance(base, Dir) else [base] if isinstance(base, File) else []
+                    for entry in targets:
+                        self._delete(entry.ref)
+                        written.append(entry.ref.key)
+                    continue
+                key = base.ref.key if isinstance(base, File) else self.prefix + change.path
+                base_ref = base.ref if isinstance(base, File) else None
+                if change.local is not None:
+                    self._upload(key, change.local, base_ref, metadata)
+                else:
+                    source = find(parent_tree, change.base_path or "")
+                    assert isinstance(source, File)
+                    self._copy(key, source.ref, base_ref)
+                written.append(key)
+        except ConflictError as e:
+            raise ConflictError(f"{e}{_written_note(written)}") from None
+        except Exception as e:
+            raise SourceError(f"commit failed: {e}{_written_note(written)}") from None
+        self.versions()
+        return self.current() or ""
+
+    @staticmethod
+    def _condition(base: S3Ref | None) -> dict[str, str]:
+        return {"IfMatch": base.etag} if base is not None and base.etag else {"IfNoneMatch": "*"}
+
+    def _conflict(self, error: Exception, key: str) -> None:
+        """Raise ConflictError for a failed precondition (a 404 on If-Match too:
+        the key was deleted meanwhile)."""
+        from botocore.exceptions import ClientError
+
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+                raise ConflictError(f"{key}: changed by another writer since staging's base") from None
+
+    def _upload(self, key: str, local: str, base: S3Ref | None, metadata: dict[str, str]) -> None:
+        size = os.path.getsize(local)
+        meta = {**metadata, SHA_META: file_digests(local)["sha256"]}
+        try:
+            if size <= MULTIPART_THRESHOLD:
+                with open(local, "rb") as f:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta, **self._condition(base))
+            else:
+                self._multipart(key, local, size, meta, base)
+        except Exception as e:
+            self._conflict(e, key)
+            raise
+
+    def _multipart(self, key: str, local: str, size: int, meta: dict[str, str], base: S3Ref | None) -> None:
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta)["UploadId"]
+        try:
+            def part(number: int) -> dict[str, Any]:
+                with open(local, "rb") as f:
+                    f.seek((number - 1) * PART_SIZE)
+                    body = f.read(PART_SIZE)
+                answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=body)
+                return {"PartNumber": number, "ETag": answer["ETag"]}
+
+            parts = list(self._pool.map(part, range(1, -(-size // PART_SIZE) + 1)))
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, **self._condition(base)
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+
+    def _copy(self, key: str, source: S3Ref, base: S3Ref | None) -> None:
+        """A rename without edits: a copy made by the store itself."""
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket, Key=key,
+                CopySource={"Bucket": self.bucket, "Key": source.key, "VersionId": source.version_id},
+                **self._condition(base),
+            )
+        except Exception as e:
+            self._conflict(e, key)
+            raise
+
+    def _delete(self, ref: S3Ref) -> None:
+        """A delete marker, only if the key still holds what staging's base had."""
+        try:
+            if ref.etag:
+                self.client.delete_object(Bucket=self.bucket, Key=ref.key, IfMatch=ref.etag)
+            else:
+                self.client.delete_object(Bucket=self.bucket, Key=ref.key)
+        except Exception as e:
+            self._conflict(e, ref.key)
+            raise
 
     def _log_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._logged:
@@ -259,6 +402,49 @@ class S3Backend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def _files_below(directory: Dir) -> list[File]:
+    out = []
+    for entry in directory.children.values():
+        out += _files_below(entry) if isinstance(entry, Dir) else [entry]
+    return out
+
+
+def _written_note(keys: list[str]) -> str:
+    if not keys:
+        return "; nothing was written"
+    return f"; already written ({len(keys)}): " + ", ".join(keys)
+
+
+def file_digests(path: str) -> dict[str, str]:
+    """SHA-256 and MD5 of a local file (hex), read once."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            sha.update(block)
+            md5.update(block)
+    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
+
+
+def multipart_etag(path: str, part_size: int) -> str:
+    """The ETag S3 gives a multipart upload in parts of ``part_size``:
+    MD5 of the concatenated part MD5s, then "-" and the number of parts."""
+    digests = []
+    with open(path, "rb") as f:
+        while block := f.read(part_size):
+            digests.append(hashlib.md5(block).digest())
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def guess_part_sizes(size: int, parts: int) -> list[int]:
+    """Part sizes that give ``parts`` parts for ``size`` bytes: the common fixed
+    ones (5, 8, 16, 64 MiB …) and the smallest whole MiB that does."""
+    mib = 1 << 20
+    candidates = [m * mib for m in (5, 8, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512)]
+    if parts:
+        candidates.append(-(-size // parts // mib) * mib)
+    return sorted({c for c in candidates if c > 0 and -(-size // c) == parts})
 
 
 def enable_versioning(url: str, endpoint_url: str | None = None) -> str:

@@ -1,0 +1,138 @@
+"""S3 sources, write side: commits from staging/ become object versions and
+delete markers, unchanged files are not uploaded, and every write is conditional."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from conftest import run_versionfs
+from s3servers import make_client, make_versioned_bucket
+from versionfs.backends.s3 import S3Backend
+from versionfs.errors import ConflictError
+
+
+@pytest.fixture(params=["moto", "ministack"])
+def endpoint(request):
+    return request.getfixturevalue(f"{request.param}_endpoint")
+
+
+def versions_of(s3, bucket, key):
+    answer = s3.list_object_versions(Bucket=bucket, Prefix=key)
+    return [v for v in answer.get("Versions", []) + answer.get("DeleteMarkers", []) if v["Key"] == key]
+
+
+def test_commit_writes_changes_and_only_changes(endpoint, mount, tmp_path):
+    s3 = make_client(endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="d/keep.txt", Body=b"keep")
+    s3.put_object(Bucket=bucket, Key="d/edit.txt", Body=b"old")
+    s3.put_object(Bucket=bucket, Key="d/gone.txt", Body=b"gone")
+    s3.put_object(Bucket=bucket, Key="d/sub/deep.txt", Body=b"deep")
+    big = os.urandom(20 * 1024 * 1024 + 5)
+    (tmp_path / "big").write_bytes(big)
+    s3.upload_file(str(tmp_path / "big"), bucket, "d/multi.bin",  # a multipart ETag, no stored SHA-256
+                   Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20))
+    assert "-" in s3.head_object(Bucket=bucket, Key="d/multi.bin")["ETag"]
+    m = mount(f"s3://{bucket}/d", "--endpoint-url", endpoint)
+    staging = m.path / "staging"
+    (staging / "edit.txt").write_bytes(b"new")
+    (staging / "keep.txt").write_bytes(b"keep")  # rewritten, identical
+    (staging / "multi.bin").write_bytes(big)  # identical to a multipart upload
+    os.unlink(staging / "gone.txt")
+    os.rename(staging / "sub", staging / "moved")
+    (staging / "new" / "n.txt").parent.mkdir()
+    (staging / "new/n.txt").write_bytes(b"n")
+    status = sorted(run_versionfs("status", str(m.path)).stdout.split("\n"))
+    assert status == ["", "A moved/", "A moved/deep.txt", "A new/", "A new/n.txt", "D gone.txt", "D sub/", "M edit.txt"]
+    result = run_versionfs("commit", str(m.path), "-m", "tidy up")
+    assert result.returncode == 0, result.stderr
+    assert s3.get_object(Bucket=bucket, Key="d/edit.txt")["Body"].read() == b"new"
+    assert s3.get_object(Bucket=bucket, Key="d/moved/deep.txt")["Body"].read() == b"deep"
+    assert s3.get_object(Bucket=bucket, Key="d/new/n.txt")["Body"].read() == b"n"
+    for key in ("d/gone.txt", "d/sub/deep.txt"):
+        markers = s3.list_object_versions(Bucket=bucket, Prefix=key).get("DeleteMarkers", [])
+        assert [m["IsLatest"] for m in markers if m["Key"] == key] == [True]  # a delete marker on top
+    assert len(versions_of(s3, bucket, "d/keep.txt")) == 1  # not uploaded again
+    assert len(versions_of(s3, bucket, "d/multi.bin")) == 1
+    head = s3.head_object(Bucket=bucket, Key="d/edit.txt")
+    assert head["Metadata"]["versionfs-message"] == "tidy%20up" and len(head["Metadata"]["versionfs-sha256"]) == 64
+    assert run_versionfs("status", str(m.path)).stdout == ""
+    assert (m.path / "latest/moved/deep.txt").read_bytes() == b"deep"
+    assert not (m.path / "latest/gone.txt").exists()
+    (staging / "edit.txt").write_bytes(b"new")  # identical to what versionfs wrote
+    assert run_versionfs("commit", str(m.path)).stdout.strip() == "unchanged"
+
+
+def test_large_files_go_up_in_parts(endpoint, mount):
+    s3 = make_client(endpoint)
+    bucket = make_versioned_bucket(s3)
+    m = mount(f"s3://{bucket}", "--endpoint-url", endpoint)
+    body = os.urandom(70 * 1024 * 1024)
+    (m.path / "staging/large.bin").write_bytes(body)
+    assert run_versionfs("commit", str(m.path)).returncode == 0
+    assert s3.head_object(Bucket=bucket, Key="large.bin")["ETag"].strip('"').endswith("-5")
+    assert s3.get_object(Bucket=bucket, Key="large.bin")["Body"].read() == body
+    (m.path / "staging/large.bin").write_bytes(body)
+    assert run_versionfs("commit", str(m.path)).stdout.strip() == "unchanged"
+
+
+def test_names_cannot_be_chosen(moto_endpoint, mount):
+    s3 = make_client(moto_endpoint)
+    bucket = make_versioned_bucket(s3)
+    m = mount(f"s3://{bucket}", "--endpoint-url", moto_endpoint)
+    (m.path / "staging/a").write_bytes(b"a")
+    result = run_versionfs("commit", str(m.path), "-n", "mine")
+    assert result.returncode == 1 and "named by the time" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["put", "delete"])
+def test_writes_are_conditional(ministack_endpoint, kind):
+    """Another writer between staging's base and the write: the store refuses."""
+    s3 = make_client(ministack_endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"base")
+    backend = S3Backend(f"s3://{bucket}", ministack_endpoint)
+    backend.versions()
+    base = backend.tree(backend.current())
+    s3.put_object(Bucket=bucket, Key="k", Body=b"theirs")  # after the base was read
+    from versionfs.backends.base import Change
+
+    local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vfs-cond-{os.getpid()}")
+    with open(local, "wb") as f:
+        f.write(b"mine")
+    change = Change("k", "file", local=local) if kind == "put" else Change("k", "delete")
+    with pytest.raises(ConflictError) as e:
+        backend.commit(None, [change], None, None, base)
+    assert "k" in str(e.value) and "nothing was written" in str(e.value)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"theirs"
+    s3.put_object(Bucket=bucket, Key="fresh", Body=b"theirs")  # a new key someone created meanwhile
+    with pytest.raises(ConflictError):
+        backend.commit(None, [Change("fresh", "file", local=local)], None, None, base)
+    os.unlink(local)
+
+
+def test_two_daemons_on_one_prefix(endpoint, mount):
+    s3 = make_client(endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="shared.txt", Body=b"v0")
+    one = mount(f"s3://{bucket}", "--endpoint-url", endpoint)
+    two = mount(f"s3://{bucket}", "--endpoint-url", endpoint)
+    (one.path / "staging/shared.txt").write_bytes(b"from one")
+    (two.path / "staging/shared.txt").write_bytes(b"from two")
+    (two.path / "staging/other.txt").write_bytes(b"two's other")
+    assert run_versionfs("commit", str(one.path)).returncode == 0
+    deadline = time.monotonic() + 20
+    while (two.path / "latest/shared.txt").read_bytes() != b"from one":  # appears within seconds
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    result = run_versionfs("commit", str(two.path))
+    assert result.returncode == 3 and "shared.txt" in result.stderr
+    assert s3.get_object(Bucket=bucket, Key="shared.txt")["Body"].read() == b"from one"
+    subprocess.run(["cp", str(two.path / "latest/shared.txt"), str(two.path / "staging/shared.txt")], check=True)
+    assert run_versionfs("commit", str(two.path)).returncode == 0  # the rest goes on top
+    assert s3.get_object(Bucket=bucket, Key="other.txt")["Body"].read() == b"two's other"
