@@ -68,3 +68,24 @@ def init(source: str, endpoint_url: str | None = None) -> str:
     except OSError as e:
         raise SourceError(f"{source}: cannot create: {e}") from None
     return f"created {source}"
+
+
+def compact(source: str, dry_run: bool, endpoint_url: str | None = None) -> list[str]:
+    """S3: remove consecutive duplicate versions of each key; one line per removal."""
+    if not source.startswith("s3://"):
+        raise SourceError(f"{source}: compact is for S3 sources (an HDF5 file dedups its chunks already)")
+    backend = open_backend(source, endpoint_url)
+    try:
+        backend.versions()
+        lines = []
+        for duplicate, kept in backend.duplicates():
+            if not dry_run:
+                backend.remove_version(duplicate)
+            lines.append(
+                f"{'would remove' if dry_run else 'removed'} s3://{backend.bucket}/{duplicate.key} "
+                f"version {duplicate.version_id} ({format_utc(duplicate.modified)}): same as {kept.version_id}"
+            )
+        return lines
+    finally:
+        backend.close()
+

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="machine-readable output")
     lg.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
 
+    cp = sub.add_parser("compact", help="S3: remove consecutive duplicate versions of each key")
+    cp.add_argument("source")
+    cp.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    cp.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+
     i = sub.add_parser("init", help="create an empty versioned HDF5 file, or enable versioning on a bucket")
     i.add_argument("source")
     i.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
@@ -141,6 +146,11 @@ def _run(args: argparse.Namespace) -> None:
         from .admin import log_lines
 
         print("\n".join(log_lines(args.source, args.json, args.endpoint_url)))
+    elif args.command == "compact":
+        from .admin import compact
+
+        for line in compact(args.source, args.dry_run, args.endpoint_url):
+            print(line)
     elif args.command == "init":
         from .admin import init
 

@@ -395,6 +395,37 @@ class S3Backend:
             self._conflict(e, ref.key)
             raise
 
+    # -- compact -----------------------------------------------------------------------
+    def duplicates(self) -> list[tuple[ObjectVersion, ObjectVersion]]:
+        """(duplicate, the version it repeats): object versions whose content equals
+        the key's previous version, never across a delete marker. Call versions() first."""
+        out = []
+        for versions in self._by_key.values():
+            previous: ObjectVersion | None = None
+            for version in reversed(versions):  # oldest first
+                if version.deleted:
+                    previous = None
+                elif previous is not None and self._same_object(previous, version):
+                    out.append((version, previous))  # keep the first of a run
+                else:
+                    previous = version
+        return out
+
+    def _same_object(self, a: ObjectVersion, b: ObjectVersion) -> bool:
+        if a.size != b.size:
+            return False
+        if a.etag and a.etag == b.etag:
+            return True  # same MD5 (or same multipart parts' MD5s)
+        digests = []
+        for version in (a, b):
+            head = self.client.head_object(Bucket=self.bucket, Key=version.key, VersionId=version.version_id, ChecksumMode="ENABLED")
+            digests.append(head.get("Metadata", {}).get(SHA_META) or head.get("ChecksumSHA256"))
+        return digests[0] is not None and digests[0] == digests[1]
+
+    def remove_version(self, version: ObjectVersion) -> None:
+        """Delete one object version for good (compact only)."""
+        self.client.delete_object(Bucket=self.bucket, Key=version.key, VersionId=version.version_id)
+
     def _log_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._logged:
             self._logged.add(key)
