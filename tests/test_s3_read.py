@@ -4,6 +4,7 @@ and reads, through real mounts of buckets on S3 servers on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import subprocess
 import os
 import random
 import time
@@ -161,3 +162,37 @@ def test_log_of_a_prefix(moto):
     bucket = history_bucket(s3)
     doc = json.loads(run_versionfs("log", f"s3://{bucket}/data", "--endpoint-url", moto, "--json").stdout)
     assert len(doc) == 3 and doc[-1]["current"]  # moto: whole seconds
+
+
+def test_versions_read_once_are_served_from_the_disk_cache(mount, tmp_path):
+    """With the server gone, cached object versions still read (and the cache
+    keeps to its bound)."""
+    from s3servers import S3Server
+
+    with S3Server("moto") as server:
+        s3 = make_client(server.endpoint_url)
+        bucket = make_versioned_bucket(s3)
+        bodies = {f"f{i}.bin": random.Random(i).randbytes(9 * 1024 * 1024) for i in range(3)}
+        for key, body in bodies.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+        cache = tmp_path / "cache"
+        m = mount(f"s3://{bucket}", "--endpoint-url", server.endpoint_url, "--cache-dir", str(cache), "--cache-size", "64M")
+        for key, body in bodies.items():
+            assert (m.path / "latest" / key).read_bytes() == body
+        cached = [p for p in cache.rglob("*") if p.is_file()]
+        assert sum(p.stat().st_size for p in cached) == 27 * 1024 * 1024
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)  # not the page cache
+    for key, body in bodies.items():
+        assert (m.path / "latest" / key).read_bytes() == body
+
+
+def test_the_disk_cache_keeps_to_its_bound(tmp_path):
+    from versionfs.cache import DiskCache
+
+    cache = DiskCache(str(tmp_path / "c"), max_bytes=3_000, block=1_000)
+    for i in range(10):
+        cache.put("obj", i, bytes([i]) * 1_000)
+    assert cache.get("obj", 9) == bytes([9]) * 1_000 and cache.get("obj", 0) is None
+    assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 3_000
+    again = DiskCache(str(tmp_path / "c"), max_bytes=3_000, block=1_000)  # a new mount finds them
+    assert again.get("obj", 9) == bytes([9]) * 1_000

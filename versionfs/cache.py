@@ -1,4 +1,5 @@
-"""Serving the kernel's small reads of immutable files from larger blocks.
+"""Caching immutable content: the kernel's small reads served from larger blocks
+(``BlockReader``), and content kept on local disk across mounts (``DiskCache``).
 
 The kernel asks for 128 KiB at a time. Each miss here fetches a whole window of
 blocks on the worker thread in one call, aligned to the file's layout (whole
@@ -11,6 +12,9 @@ the kernel's copying overlap. Re-reads are the kernel page cache's job
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
@@ -21,7 +25,6 @@ MIN_BLOCK = 1 << 20
 # per-call cost, small enough that buffers are recycled by malloc instead of
 # being mapped and faulted in afresh every time.
 MAX_WINDOW_BYTES = 8 << 20
-MAX_CACHED_BYTES = 4 * MAX_WINDOW_BYTES
 
 Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
 Spawn = Callable[..., Any]
@@ -31,7 +34,8 @@ class BlockReader:
     """Reads of one open file, batched into aligned blocks fetched by ``fetch``.
     ``spawn`` (a nursery's start_soon), if given, enables background prefetch."""
 
-    def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int], spawn: Spawn | None = None):
+    def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int], spawn: Spawn | None = None,
+                 max_window: int = MAX_WINDOW_BYTES):
         origin, unit = layout
         self._fetch = fetch
         self._spawn = spawn
@@ -39,8 +43,9 @@ class BlockReader:
         # Block -1 is [0, origin) (a header); block k >= 0 starts at origin + k*B.
         self._origin = min(origin, size)
         unit = max(1, unit)
-        self._block = unit * max(1, MIN_BLOCK // unit) if unit <= MAX_WINDOW_BYTES // 2 else MIN_BLOCK
-        self._max_window = max(1, MAX_WINDOW_BYTES // self._block)
+        self._block = unit * max(1, MIN_BLOCK // unit) if unit <= max_window // 2 else MIN_BLOCK
+        self._max_window = max(1, max_window // self._block)
+        self._max_cached = 4 * max_window
         self._window = 1
         self._next_offset = 0
         self._blocks: OrderedDict[int, memoryview] = OrderedDict()
@@ -123,6 +128,68 @@ class BlockReader:
             for i in indices:
                 self._pending.pop(i, None)
             done.set()
-        while self._cached > MAX_CACHED_BYTES and len(self._blocks) > 1:
+        while self._cached > self._max_cached and len(self._blocks) > 1:
             _, old = self._blocks.popitem(last=False)
             self._cached -= len(old)
+
+
+class DiskCache:
+    """Immutable content kept on local disk across mounts: one file per block of
+    ``block`` bytes, keyed by an identity that names one content for ever (S3: the
+    bucket, key, VersionId and ETag). Least recently used blocks go first once
+    the total passes ``max_bytes``. Blocking: used from the worker thread."""
+
+    def __init__(self, directory: str, max_bytes: int, block: int):
+        self.directory, self.max_bytes, self.block = directory, max_bytes, block
+        self._lock = threading.Lock()  # several GETs finish at once
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        found = []
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.endswith(".tmp"):
+                os.unlink(path)  # a write a crash interrupted
+                continue
+            st = os.stat(path)
+            found.append((st.st_atime_ns, name, st.st_size))
+        for _, name, size in sorted(found):
+            self._sizes[name] = size
+        self._total = sum(self._sizes.values())
+
+    def _name(self, identity: str, index: int) -> str:
+        return f"{hashlib.sha256(identity.encode()).hexdigest()[:40]}.{index}"
+
+    def get(self, identity: str, index: int) -> bytes | None:
+        name = self._name(identity, index)
+        with self._lock:
+            if name not in self._sizes:
+                return None
+            self._sizes.move_to_end(name)
+        try:
+            with open(os.path.join(self.directory, name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:  # evicted meanwhile
+            return None
+
+    def put(self, identity: str, index: int, data: bytes) -> None:
+        name = self._name(identity, index)
+        path = os.path.join(self.directory, name)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
+        except OSError:  # a full or read-only cache disk only costs speed
+            return
+        with self._lock:
+            self._total += len(data) - self._sizes.pop(name, 0)
+            self._sizes[name] = len(data)
+            evicted = []
+            while self._total > self.max_bytes and len(self._sizes) > 1:
+                old, size = self._sizes.popitem(last=False)
+                self._total -= size
+                evicted.append(old)
+        for old in evicted:
+            try:
+                os.unlink(os.path.join(self.directory, old))
+            except FileNotFoundError:
+                pass

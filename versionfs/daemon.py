@@ -34,6 +34,7 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
+DEFAULT_CACHE_BYTES = 4 << 30
 FSTYPE = "fuse.versionfs"
 XATTR_PID = "user.versionfs.pid"
 XATTR_SOURCE = "user.versionfs.source"
@@ -48,17 +49,26 @@ class MountOptions:
     state_dir: str | None = None
     autocommit: float | None = None
     endpoint_url: str | None = None
+    cache_dir: str | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.fuse_options
 
 
-def open_backend(source: str, endpoint_url: str | None = None) -> Backend:
+def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> Backend:
+    """The backend for a source; with ``cache_dir``, remote content is cached there."""
     if source.startswith("s3://"):
-        from .backends.s3 import S3Backend
+        from .backends.s3 import RANGE_PART, S3Backend
+        from .cache import DiskCache
 
-        return S3Backend(source, endpoint_url)
+        cache = None
+        if cache_dir is not None:
+            name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
+            cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes, RANGE_PART)
+        return S3Backend(source, endpoint_url, cache)
     from .backends.hdf5 import HDF5Backend
 
     return HDF5Backend(source)
@@ -117,7 +127,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
-        backend = worker.call(open_backend, source, opts.endpoint_url)
+        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_bytes)
         check_mountpoint(mountpoint)
         check_fuse_device()
         namespace = Namespace(backend, worker)
@@ -259,6 +269,11 @@ def notify(state: str) -> None:
 def state_dir(explicit: str | None = None) -> str:
     """Absolute: the daemon changes its working directory to / once mounted."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.abspath(explicit or os.path.join(base, "versionfs"))
+
+
+def cache_dir(explicit: str | None = None) -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.abspath(explicit or os.path.join(base, "versionfs"))
 
 

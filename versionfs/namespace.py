@@ -313,7 +313,8 @@ class Namespace:
         size = await self.file_size(entry)
         backend, ref = self.backend, entry.ref
         fetch = lambda offset, length: self.worker.run(backend.read, ref, offset, length)  # noqa: E731
-        return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn))
+        window = {"max_window": entry.readahead} if entry.readahead else {}
+        return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn, **window))
 
     async def version_root(self, view: str, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeDir:
         return TreeDir(self, view, info.name, "", await self.tree(info.name), ttl)

@@ -41,7 +41,8 @@ class File:
 
     ``size`` None means the backend must compute it (``Backend.file_size``).
     ``ref`` is the backend's own handle for reading; ``layout`` is (offset of the
-    first data byte, alignment unit) so readers fetch whole chunks at a time.
+    first data byte, alignment unit) so readers fetch whole chunks at a time, and
+    ``readahead`` bounds their window (remote stores want large ones).
     """
 
     size: int | None
@@ -49,6 +50,7 @@ class File:
     ref: Any = None
     content: bytes | None = None
     layout: tuple[int, int] = (0, 1 << 20)
+    readahead: int | None = None  # the largest read-ahead window worth fetching at once
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlparse
 
+from ..cache import DiskCache
 from ..errors import ConflictError, SourceError
 from .base import NAME_MAX, Change, Dir, File, Progress, VersionInfo, find, safe_name, to_ns
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
 RANGE_PART = 8 << 20  # bytes per ranged GET
 PARALLEL_GETS = 8
+READAHEAD = RANGE_PART * PARALLEL_GETS  # a full window is one GET per connection
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
@@ -92,7 +94,7 @@ class S3Backend:
     names_versions = False  # a version is the instant of its writes
     poll_interval = 5.0  # other writers' versions appear within seconds
 
-    def __init__(self, url: str, endpoint_url: str | None = None):
+    def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
         import boto3
         from botocore.config import Config
 
@@ -102,6 +104,7 @@ class S3Backend:
         config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
+        self.cache = cache
         self._logged: set[str] = set()
         self._listing_order: list[list[tuple[str, str]]] = []
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
@@ -229,6 +232,7 @@ class S3Backend:
                 mtime_ns=to_ns(shown.modified),
                 ref=S3Ref(shown.key, shown.version_id, shown.etag, shown.size),
                 layout=(0, RANGE_PART),
+                readahead=READAHEAD,
             )
         return root
 
@@ -237,12 +241,28 @@ class S3Backend:
         return ref.size
 
     def read(self, ref: S3Ref, offset: int, length: int) -> bytes:
+        """Bytes of one object version: whole RANGE_PART blocks, from the disk cache
+        or by ranged GETs in parallel (which then go into the cache)."""
         end = min(offset + length, ref.size)
         if offset >= end:
             return b""
-        ranges = [(start, min(start + RANGE_PART, end)) for start in range(offset, end, RANGE_PART)]
-        parts = self._pool.map(lambda r: self._get(ref, *r), ranges)
-        return b"".join(parts)
+        blocks = range(offset // RANGE_PART, (end - 1) // RANGE_PART + 1)
+        data = b"".join(self._pool.map(lambda i: self._block(ref, i), blocks))
+        start = blocks[0] * RANGE_PART
+        return data[offset - start : end - start]
+
+    def _block(self, ref: S3Ref, index: int) -> bytes:
+        # A VersionId names one content for ever; the "null" version can be
+        # replaced, so its ETag is part of the identity (it revalidates).
+        identity = f"{self.bucket}\0{ref.key}\0{ref.version_id}\0{ref.etag}"
+        if self.cache is not None:
+            data = self.cache.get(identity, index)
+            if data is not None:
+                return data
+        data = self._get(ref, index * RANGE_PART, min((index + 1) * RANGE_PART, ref.size))
+        if self.cache is not None:
+            self.cache.put(identity, index, data)
+        return data
 
     def _get(self, ref: S3Ref, start: int, stop: int) -> bytes:
         response = self.client.get_object(
