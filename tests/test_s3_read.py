@@ -196,3 +196,13 @@ def test_the_disk_cache_keeps_to_its_bound(tmp_path):
     assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 3_000
     again = DiskCache(str(tmp_path / "c"), max_bytes=3_000, block=1_000)  # a new mount finds them
     assert again.get("obj", 9) == bytes([9]) * 1_000
+
+
+def test_user_metadata_as_xattrs(moto, mount):
+    s3 = make_client(moto)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="m.txt", Body=b"m", Metadata={"owner": "ops", "run": "42"})
+    m = mount(f"s3://{bucket}", "--endpoint-url", moto)
+    path = m.path / "latest/m.txt"
+    assert os.getxattr(path, "user.owner") == b"ops" and os.getxattr(path, "user.run") == b"42"
+    assert sorted(os.listxattr(path)) == ["user.owner", "user.run"]

@@ -186,14 +186,14 @@ class VersionFS(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self._node(inode).xattrs().get(os.fsdecode(name))
+        value = (await self._node(inode).xattrs()).get(os.fsdecode(name))
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self._node(inode).xattrs()]
+        return [os.fsencode(n) for n in await self._node(inode).xattrs()]
 
     # -- files --------------------------------------------------------------
     @_guard

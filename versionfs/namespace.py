@@ -62,7 +62,7 @@ class Node:
     async def open(self, flags: int) -> "Handle":
         raise FsError(errno.EISDIR)
 
-    def xattrs(self) -> dict[str, bytes]:
+    async def xattrs(self) -> dict[str, bytes]:
         return {}
 
     # Changes: read-only unless a subclass says otherwise.
@@ -142,6 +142,12 @@ class TreeFile(_ReadOnlyFile):
     async def _open(self) -> Handle:
         return await self.ns.open_file(self.entry)
 
+    async def xattrs(self) -> dict[str, bytes]:
+        """The stored file's own metadata (S3 user metadata), if the backend has any."""
+        if self.entry.ref is None or not hasattr(self.ns.backend, "xattrs"):
+            return {}
+        return await self.ns.worker.run(self.ns.backend.xattrs, self.entry.ref)
+
 
 class BlockReaderHandle(Handle):
     def __init__(self, reader: BlockReader):
@@ -217,7 +223,7 @@ class Root(Node):
     async def attr(self) -> Attr:
         return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=4)
 
-    def xattrs(self) -> dict[str, bytes]:
+    async def xattrs(self) -> dict[str, bytes]:
         return dict(self.info)
 
     async def lookup(self, name: str) -> Node:

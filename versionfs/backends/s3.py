@@ -276,6 +276,11 @@ class S3Backend:
             raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {stop - start} bytes at {start}, got {len(data)}")
         return data
 
+    def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
+        """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
+        head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
+        return {f"user.{k}": v.encode() for k, v in head.get("Metadata", {}).items()}
+
     # -- equality ---------------------------------------------------------------------
     def same_content(self, entry: File, local: str, written: Any = None) -> bool:
         """Whether a local file provably holds an object version's bytes, from what
