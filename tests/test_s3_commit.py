@@ -162,3 +162,20 @@ def test_compact(endpoint):
     assert sorted(bodies) == sorted([b"a", b"b", b"a", b"a"]) and len(answer["DeleteMarkers"]) == 1
     assert run_versionfs("compact", f"s3://{bucket}", "--endpoint-url", endpoint).stdout == ""
     assert run_versionfs("compact", "/tmp/x.h5").returncode == 1
+
+
+def test_rollback_on_s3(moto_endpoint, mount):
+    s3 = make_client(moto_endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"first")
+    time.sleep(1.05)
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"second")
+    s3.put_object(Bucket=bucket, Key="b.txt", Body=b"added later")
+    m = mount(f"s3://{bucket}", "--endpoint-url", moto_endpoint)
+    time.sleep(1.05)
+    result = run_versionfs("rollback", str(m.path), "@0")
+    assert result.returncode == 0, result.stderr
+    assert s3.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"first"
+    assert "DeleteMarkers" in s3.list_object_versions(Bucket=bucket, Prefix="b.txt")
+    assert sorted(os.listdir(m.path / "latest")) == ["a.txt"]
+    assert len(os.listdir(m.path / "versions")) >= 3  # added to; history is never rewritten
