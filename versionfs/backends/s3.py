@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
 RANGE_PART = 8 << 20  # bytes per ranged GET
 PARALLEL_GETS = 8
+MAX_ATTEMPTS = 10
 READAHEAD = RANGE_PART * PARALLEL_GETS  # a full window is one GET per connection
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
@@ -101,7 +102,10 @@ class S3Backend:
         self.url = url
         self.bucket, self.prefix = parse_url(url)
         self.description = f"s3://{self.bucket}/{self.prefix}"
-        config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
+        # Transient errors (5xx, throttling, resets) are retried with backoff;
+        # AWS_MAX_ATTEMPTS, botocore's own setting, still overrides the count.
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
         self.cache = cache
