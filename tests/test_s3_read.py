@@ -206,3 +206,12 @@ def test_user_metadata_as_xattrs(moto, mount):
     path = m.path / "latest/m.txt"
     assert os.getxattr(path, "user.owner") == b"ops" and os.getxattr(path, "user.run") == b"42"
     assert sorted(os.listxattr(path)) == ["user.owner", "user.run"]
+
+
+def test_log_of_a_mount_point_uses_its_endpoint(moto, mount):
+    s3 = make_client(moto)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="a", Body=b"a")
+    m = mount(f"s3://{bucket}", "--endpoint-url", moto)
+    result = run_versionfs("log", str(m.path))
+    assert result.returncode == 0 and result.stdout.count("\n") == 1, result.stderr

@@ -6,23 +6,29 @@ import json
 import os
 
 from .backends.base import VersionInfo
-from .daemon import XATTR_SOURCE, open_backend
+from .daemon import XATTR_ENDPOINT, XATTR_SOURCE, open_backend
 from .errors import SourceError
 from .selectors import format_utc
 
 
-def resolve_source(source_or_mountpoint: str) -> str:
-    """A mount point of versionfs stands for its source (read from the mount)."""
+def resolve_source(source_or_mountpoint: str, endpoint_url: str | None = None) -> tuple[str, str | None]:
+    """(source, endpoint): a mount point of versionfs stands for its source and
+    the endpoint it was mounted with (both read from the mount)."""
     if os.path.isdir(source_or_mountpoint):
         try:
-            return os.fsdecode(os.getxattr(source_or_mountpoint, XATTR_SOURCE))
+            source = os.fsdecode(os.getxattr(source_or_mountpoint, XATTR_SOURCE))
         except OSError:
             raise SourceError(f"{source_or_mountpoint}: a directory, but not a versionfs mount") from None
-    return source_or_mountpoint
+        try:
+            endpoint_url = endpoint_url or os.fsdecode(os.getxattr(source_or_mountpoint, XATTR_ENDPOINT))
+        except OSError:
+            pass
+        return source, endpoint_url
+    return source_or_mountpoint, endpoint_url
 
 
 def versions(source: str, endpoint_url: str | None = None) -> tuple[list[VersionInfo], str | None]:
-    backend = open_backend(resolve_source(source), endpoint_url)
+    backend = open_backend(*resolve_source(source, endpoint_url))
     try:
         return backend.versions(), backend.current()
     finally:

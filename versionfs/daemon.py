@@ -38,6 +38,7 @@ DEFAULT_CACHE_BYTES = 4 << 30
 FSTYPE = "fuse.versionfs"
 XATTR_PID = "user.versionfs.pid"
 XATTR_SOURCE = "user.versionfs.source"
+XATTR_ENDPOINT = "user.versionfs.endpoint"
 
 
 @dataclass
@@ -137,6 +138,8 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             XATTR_PID: str(os.getpid()).encode(),
             XATTR_SOURCE: os.fsencode(backend.description),
         }
+        if opts.endpoint_url:
+            namespace.root.info[XATTR_ENDPOINT] = opts.endpoint_url.encode()
         committer = None
         if not opts.read_only and hasattr(backend, "commit"):
             overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))

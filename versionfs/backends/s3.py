@@ -72,10 +72,18 @@ def parse_url(url: str) -> tuple[str, str]:
     return parsed.netloc, prefix
 
 
-def version_name(instant: dt.datetime) -> str:
-    """``2024-01-15T10:30:00Z``; with the fraction only when the store has one."""
-    text = instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
-    return text + "Z"
+def version_name(instant: dt.datetime, digits: int = 0) -> str:
+    """``2024-01-15T10:30:00Z``, or with ``digits`` (3 or 6) of fraction on stores
+    with sub-second times: fixed width, so names sort as times do."""
+    text = instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return (text[: 20 + digits] if digits else text[:19]) + "Z"
+
+
+def fraction_digits(instants: list[dt.datetime]) -> int:
+    """The store's precision, from the times it gave: 0, 3 or 6 digits."""
+    if all(i.microsecond == 0 for i in instants):
+        return 0
+    return 3 if all(i.microsecond % 1000 == 0 for i in instants) else 6
 
 
 def path_parts(relative_key: str) -> list[str] | None:
@@ -115,6 +123,7 @@ class S3Backend:
         self._check_versioning()
         self._by_key: dict[str, list[ObjectVersion]] = {}
         self._instants: list[dt.datetime] = []
+        self._digits = 0
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self) -> None:
@@ -181,19 +190,20 @@ class S3Backend:
             versions.sort(key=lambda v: v.modified, reverse=True)
         self._by_key = dict(by_key)
         self._instants = sorted({v.modified for versions in by_key.values() for v in versions})
+        self._digits = fraction_digits(self._instants)
         infos, previous = [], None
         for instant in self._instants:
-            name = version_name(instant)
+            name = version_name(instant, self._digits)
             infos.append(VersionInfo(name=name, timestamp=instant, previous=previous))
             previous = name
         return infos
 
     def current(self) -> str | None:
-        return version_name(self._instants[-1]) if self._instants else None
+        return version_name(self._instants[-1], self._digits) if self._instants else None
 
     def _instant(self, name: str) -> dt.datetime:
         for instant in self._instants:
-            if version_name(instant) == name:
+            if version_name(instant, self._digits) == name:
                 return instant
         raise KeyError(name)
 
@@ -369,11 +379,15 @@ class S3Backend:
 
     def _upload(self, key: str, local: str, base: S3Ref | None, metadata: dict[str, str]) -> None:
         size = os.path.getsize(local)
-        meta = {**metadata, SHA_META: file_digests(local)["sha256"]}
+        sha256 = file_digests(local)["sha256"]
+        meta = {**metadata, SHA_META: sha256}
         try:
             if size <= MULTIPART_THRESHOLD:
+                # The store checks the SHA-256 too: a corrupted upload is refused.
+                checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
                 with open(local, "rb") as f:
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta, **self._condition(base))
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta, ChecksumSHA256=checksum,
+                                           **self._condition(base))
             else:
                 self._multipart(key, local, size, meta, base)
         except Exception as e:
