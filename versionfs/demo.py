@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -51,7 +53,16 @@ def demo_paths(directory: str) -> tuple[str, str]:
     return os.path.join(directory, "weather.h5"), os.path.join(directory, "mnt")
 
 
+def command_name() -> str:
+    """``versionfs`` if that is on PATH, else the full path of this one."""
+    here = os.path.join(os.path.dirname(sys.executable), "versionfs")
+    if os.path.exists(here) and shutil.which("versionfs") != here:
+        return here
+    return "versionfs"
+
+
 def instructions(source: str, mnt: str) -> str:
+    versionfs = command_name()
     return f"""\
 versionfs demo: {source} is mounted on {mnt}
 
@@ -60,7 +71,7 @@ Browse:   ls {mnt}/versions/ ; ls -R {mnt}/latest/ ; cat {mnt}/latest/.attrs.jso
 Diff:     diff -r {mnt}/versions/2024-02 {mnt}/versions/2024-02-fix
 By time:  ls "{mnt}/@2024-03-02/daily"   (the version current on 2 March 2024)
 Change:   cp {mnt}/latest/stations/names.txt /tmp/names.txt && echo Bern >> /tmp/names.txt
-          cp /tmp/names.txt {mnt}/staging/stations/names.txt && versionfs status {mnt}
-Commit:   versionfs commit {mnt} -m "add Bern" && versionfs log {mnt}
-Done:     versionfs umount {mnt}
+          cp /tmp/names.txt {mnt}/staging/stations/names.txt && {versionfs} status {mnt}
+Commit:   {versionfs} commit {mnt} -m "add Bern" && {versionfs} log {mnt}
+Done:     {versionfs} umount {mnt}
 """
