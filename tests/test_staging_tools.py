@@ -156,3 +156,30 @@ def test_listing_and_attributes(pair):
     os.utime(staging / "x.npy", ns=(5 * 10**9, 7 * 10**9))
     st = os.stat(staging / "x.npy")
     assert st.st_mode & 0o777 == 0o600 and st.st_mtime_ns == 7 * 10**9
+
+
+def test_a_full_spool_disk_is_enospc_and_loses_nothing(tmp_path, mount):
+    """The state directory on a 2 MiB tmpfs: the write that does not fit fails with
+    ENOSPC, what was staged before is intact, and the daemon carries on."""
+    def v1(g):
+        g.create_dataset("x", data=np.arange(100, dtype="i4"))
+
+    state = tmp_path / "small-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
+    try:
+        m = mount(make_versions(tmp_path / "full.h5", v1), "--state-dir", str(state))
+        (m.path / "staging/small.bin").write_bytes(b"kept")
+        with pytest.raises(OSError) as e:
+            with open(m.path / "staging/big.bin", "wb") as f:
+                for _ in range(8):
+                    f.write(os.urandom(512 * 1024))
+                    f.flush()
+        assert e.value.errno == errno.ENOSPC
+        assert (m.path / "staging/small.bin").read_bytes() == b"kept"
+        os.unlink(m.path / "staging/big.bin")
+        assert run_versionfs("commit", str(m.path), "-n", "after-full").returncode == 0
+        assert (m.path / "versions/after-full/small.bin").read_bytes() == b"kept"
+        assert run_versionfs("umount", str(m.path)).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(state)])

@@ -79,6 +79,13 @@ class Row:
     tracked: bool = False
 
 
+RESERVE_BYTES = 1 << 20
+
+
+class RetryFreed(Exception):
+    """The reserve was given up on a full disk: run the change again."""
+
+
 class Store:
     """The persistent spool: rows in SQLite, contents in blob files."""
 
@@ -100,7 +107,34 @@ class Store:
         self.rows: dict[str, Row] = {}
         self.children: dict[str, set[str]] = {}
         self._reload()
-        self._collect_garbage()
+        self.collect_garbage()
+        self.reserve = os.path.join(directory, "reserve")
+        self.keep_reserve()
+
+    def keep_reserve(self) -> None:
+        """A little disk space held back, so that removing files (which needs a
+        database write) still works once the disk is full (see ``freeing``)."""
+        if not os.path.exists(self.reserve):
+            try:
+                with open(self.reserve, "wb") as f:
+                    f.write(bytes(RESERVE_BYTES))
+            except OSError:
+                try:
+                    os.unlink(self.reserve)
+                except FileNotFoundError:
+                    pass
+
+    @contextmanager
+    def freeing(self) -> Iterator[None]:
+        """Run changes that free space; on a full disk, give up the reserve first."""
+        try:
+            with self.transaction():
+                yield
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e) or not os.path.exists(self.reserve):
+                raise
+            os.unlink(self.reserve)
+            raise RetryFreed() from None
 
     # -- rows ---------------------------------------------------------------
     def _index(self, row: Row) -> None:
@@ -193,16 +227,15 @@ class Store:
                 pass
 
     def clear(self) -> None:
-        """Forget every staged change (one transaction), then remove the blobs."""
-        blobs = [r.blob for r in self.rows.values() if r.blob]
+        """Forget every staged change. The blobs go afterwards (collect_garbage),
+        once the transaction this runs in has committed."""
         self.db.execute("DELETE FROM entries")
         self.db.execute("DELETE FROM written")
         self.rows.clear()
         self.children.clear()
-        for blob in blobs:
-            self.drop_blob(blob)
 
-    def _collect_garbage(self) -> None:
+    def collect_garbage(self) -> None:
+        """Remove blobs no row refers to."""
         used = {r.blob for r in self.rows.values() if r.blob}
         for name in os.listdir(self.blobs):
             if name not in used:
@@ -232,13 +265,18 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _local_errors(fn):
-    """Local disk errors (ENOSPC, EDQUOT, ...) reach the caller as their errno."""
+    """Local disk errors (ENOSPC, EDQUOT, ...) reach the caller as their errno;
+    SQLite's "database or disk is full" is ENOSPC too."""
 
     async def wrapper(*args, **kwargs):
         try:
             return await fn(*args, **kwargs)
         except OSError as e:
             raise FsError(e.errno or errno.EIO, str(e)) from None
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise FsError(errno.ENOSPC, str(e)) from None
+            raise
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -274,10 +312,17 @@ class Overlay:
     def reset(self, base: str | None) -> None:
         """Empty staging on top of ``base`` (after a commit or a discard), and
         drop the record of a commit in progress, in one transaction."""
-        with self.store.transaction():
-            self.store.clear()
-            self.store.set_meta("base", base)
-            self.store.set_meta("committing", None)
+        for attempt in (1, 2):
+            try:
+                with self.store.freeing():
+                    self.store.clear()
+                    self.store.set_meta("base", base)
+                    self.store.set_meta("committing", None)
+                break
+            except RetryFreed:
+                continue
+        self.store.collect_garbage()
+        self.store.keep_reserve()
         self.epoch += 1
         self.live = weakref.WeakValueDictionary()
         self.touch()
@@ -574,13 +619,19 @@ class StagingDir(StagingNode):
         store = self.overlay.store
         whiteout = await self._base_has(path)
         rows = store.subtree(path)
-        with store.transaction():
-            for row in rows:
-                store.remove(row.path)
-            if whiteout:
-                store.put(Row(path, "deleted"))
+        for attempt in (1, 2):
+            try:
+                with store.freeing():
+                    for row in rows:
+                        store.remove(row.path)
+                    if whiteout:
+                        store.put(Row(path, "deleted"))
+                break
+            except RetryFreed:
+                continue
         for row in rows:
             store.drop_blob(row.blob)
+        store.keep_reserve()
         self.overlay.live.pop(path, None)
 
     @_local_errors
@@ -695,13 +746,19 @@ class BlobHandle(Handle):
             return
         os.close(self.fd)
         self.fd = -1
-        if self.writable:
-            overlay = self.overlay
+        if not self.writable:
+            return
+        overlay = self.overlay
+        overlay.writers -= 1
+        overlay.blob_writers[self.blob] -= 1
+        last = not overlay.blob_writers[self.blob]
+        if last:
+            del overlay.blob_writers[self.blob]
+        overlay.touch()
+        try:
             self._save_ranges()
-            overlay.writers -= 1
-            overlay.blob_writers[self.blob] -= 1
-            if not overlay.blob_writers[self.blob]:
-                del overlay.blob_writers[self.blob]
-                if self.was_tracked:
-                    overlay.store.set_tracked(self.blob, True)
-            overlay.touch()
+            if last and self.was_tracked:
+                overlay.store.set_tracked(self.blob, True)
+        except sqlite3.Error as e:
+            # The row stays untracked: the commit compares the whole file. Safe.
+            log.warning("cannot record the ranges written to a staged file (%s): it will be compared in full", e)
