@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv systemd util-linux
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv systemd util-linux rclone s3fs
 DEMO_DIR ?= /tmp/versionfs-demo
 PREFIX ?= /usr/local
 SBIN ?= /sbin

@@ -3,8 +3,8 @@
 Every benchmark is a function in ``BENCHES`` that measures its own reference in
 the same run (so machine and disk speed cancel out) and returns rows for one
 markdown table. The table is printed and, after a full run, written into
-bench/README.md between the results markers. Add a benchmark (commits, S3
-reads, ...) by writing another ``bench_*`` function and listing it in BENCHES.
+bench/README.md between the results markers. Add a benchmark by writing another
+``bench_*`` function and listing it in BENCHES.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ BIG_CHUNK = 1 << 18  # 2 MiB chunks
 BIG_VERSION = "v1"
 BIG_H5PATH = f"_version_data/versions/{BIG_VERSION}/big"  # what versioned-hdf5 reads for a read-only file
 READ_BUFFER = 1 * MiB  # like cp
+
+# The S3 benchmark: one object of random bytes in a versioned bucket on a local server.
+S3_OBJECT_BYTES = 256 * MiB
+S3_KEY = "big.bin"
+S3_SERVER = "ministack"  # of tests/s3servers.py; see bench/README.md for why not moto
+RCLONE_REMOTE = "vfsbench"  # configured by RCLONE_CONFIG_VFSBENCH_* variables only
+MOUNT_TIMEOUT = 30.0  # seconds for rclone / s3fs to show their mount
 
 # The commit benchmark's change to that dataset: one element in every 100th chunk (1%).
 COMMIT_STRIDE = 100
@@ -132,9 +139,9 @@ def machine_line() -> str:
     )
 
 
-def versionfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def versionfs(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # ``python -m versionfs`` from this interpreter: works from .venv and /tmp/venv alike.
-    return subprocess.run([sys.executable, "-m", "versionfs", *args], capture_output=True, text=True, check=check)
+    return subprocess.run([sys.executable, "-m", "versionfs", *args], capture_output=True, text=True, check=check, env=env)
 
 
 def timed_versionfs(*args: str, expect: str | None = None) -> float:
@@ -480,9 +487,321 @@ def bench_commit(ctx: Context) -> Result:
     return Result(setup, rows, notes)
 
 
+# -- S3 --------------------------------------------------------------------------------
+# ministack answers a GET with a VersionId with the whole object, whatever its Range
+# (its unversioned GETs honour Range). versionfs always reads by VersionId in ranged
+# GETs of 8 MiB, so on the stock server every one of them would carry the whole
+# 256 MiB object: 32 times the data, a measure of that defect and nothing else. The
+# server is started with its versioned GET made to slice the body as its unversioned
+# GET does (and as AWS does); nothing else changes, and the benchmark checks it.
+MINISTACK_RANGE_FIX = """
+import ministack.services.s3 as s3
+
+_get_object = s3._get_object
+
+
+def get_object(bucket_name, key, headers, query_params=None):
+    status, out, body = _get_object(bucket_name, key, headers, query_params)
+    rng = headers.get("range", "")
+    if status == 200 and rng and s3._qp(query_params or {}, "versionId", "") and "Content-Range" not in out:
+        total = len(body)
+        parsed = s3._parse_range(rng, total)
+        if parsed is not None:
+            start, end = parsed
+            body = body[start : end + 1]
+            out = {k: v for k, v in out.items() if not k.lower().startswith("x-amz-checksum-")}
+            out["Content-Length"] = str(len(body))
+            out["Content-Range"] = f"bytes {start}-{end}/{total}"
+            return 206, out, body
+    return status, out, body
+
+
+s3._get_object = get_object
+from ministack.app import main
+
+main()
+"""
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator["object"]:
+    """A ``tests/s3servers.py`` server on 127.0.0.1 (ministack, with ranged GETs of a
+    version: see MINISTACK_RANGE_FIX); always stopped."""
+    tests = str(BENCH_DIR.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import s3servers
+
+    srv = s3servers.S3Server(S3_SERVER)
+    plain = s3servers._COMMANDS[S3_SERVER]
+
+    def command(port: int, workdir: Path) -> tuple[list[str], dict[str, str]]:
+        cmd, env = plain(port, workdir)
+        assert cmd[1:] == ["-m", "ministack"], cmd  # what the fix replaces
+        return [cmd[0], "-c", MINISTACK_RANGE_FIX], env
+
+    s3servers._COMMANDS[S3_SERVER] = command
+    try:
+        srv.start()
+    finally:
+        s3servers._COMMANDS[S3_SERVER] = plain
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def s3_env(tmp: Path) -> dict[str, str]:
+    """The environment of the mount processes: dummy credentials only (no AWS_* or
+    proxy settings of the caller's), XDG directories in ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_")) and "proxy" not in k.lower()}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true", XDG_STATE_HOME=str(tmp / "state"), XDG_CACHE_HOME=str(tmp / "xdg-cache"),
+    )
+    return env
+
+
+@contextlib.contextmanager
+def s3_mounted(url: str, bucket: str) -> Iterator[tuple[Path, Path]]:
+    """A versionfs mount of s3://``bucket`` with a fresh, throw-away cache and state
+    directory: (mount point, cache directory); always unmounted."""
+    tmp = Path(tempfile.mkdtemp(prefix="versionfs-bench-s3-"))
+    mnt, cache, state = tmp / "mnt", tmp / "cache", tmp / "state"
+    mnt.mkdir()
+    env = s3_env(tmp)
+    try:
+        r = versionfs("mount", f"s3://{bucket}", str(mnt), "--endpoint-url", url, "--cache-dir", str(cache),
+                      "--state-dir", str(state), check=False, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"versionfs mount s3://{bucket} failed: {r.stderr.strip()}")
+        yield mnt, cache
+    finally:
+        r = versionfs("umount", str(mnt), check=False, env=env)
+        if r.returncode != 0 and "not mounted" not in r.stderr:
+            print(f"warning: versionfs umount: {r.stderr.strip()}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)  # in case
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def foreign_mount(kind: str, url: str, bucket: str, cache_mode: str = "off") -> Iterator[tuple[Path, int]]:
+    """An ``rclone mount`` (with ``--vfs-cache-mode cache_mode``) or ``s3fs`` mount of
+    ``bucket``, run in the foreground as our child: (mount point, its pid). Always
+    unmounted and the process ended; its cache and config go with the temp dir."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"versionfs-bench-{kind}-"))
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    env = s3_env(tmp)
+    if kind == "rclone":
+        name = RCLONE_REMOTE.upper()
+        env.update({
+            f"RCLONE_CONFIG_{name}_TYPE": "s3", f"RCLONE_CONFIG_{name}_PROVIDER": "Other",
+            f"RCLONE_CONFIG_{name}_ENDPOINT": url, f"RCLONE_CONFIG_{name}_ACCESS_KEY_ID": "testing",
+            f"RCLONE_CONFIG_{name}_SECRET_ACCESS_KEY": "testing", f"RCLONE_CONFIG_{name}_FORCE_PATH_STYLE": "true",
+            f"RCLONE_CONFIG_{name}_REGION": "us-east-1", "RCLONE_CONFIG": str(tmp / "rclone.conf"),
+        })
+        cmd = ["rclone", "mount", f"{RCLONE_REMOTE}:{bucket}", str(mnt), "--vfs-cache-mode", cache_mode,
+               "--cache-dir", str(tmp / "rclone-cache"), "--log-level", "ERROR"]
+    elif kind == "s3fs":
+        passwd = tmp / "passwd"
+        passwd.write_text("testing:testing\n")
+        passwd.chmod(0o600)
+        cmd = ["s3fs", bucket, str(mnt), "-f", "-o", f"url={url},use_path_request_style,passwd_file={passwd}"]
+    else:
+        raise ValueError(kind)
+    log = open(tmp / "log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"{kind} mount did not come up (exit {proc.poll()}): {log.read()[-2000:]}")
+            time.sleep(0.05)
+        yield mnt, proc.pid
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    return proc_io(pid)[2]
+
+
+def bench_s3(ctx: Context) -> Result:
+    """Cold sequential read of one 256 MiB object through versionfs, against boto3's
+    download_fileobj of the same object and against rclone and s3fs mounts of the same
+    bucket, all on one local S3 server; warm re-reads from versionfs's disk cache."""
+    for tool in ("rclone", "s3fs"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed: `make setup` (or apt-get install rclone s3fs)")
+    data = np.random.default_rng(1).bytes(S3_OBJECT_BYTES)
+    want = hashlib.sha256(data).hexdigest()
+    nbytes = len(data)
+    dropped = True
+
+    class Sink:
+        """A file that keeps nothing (``/dev/null`` for boto3), or hashes what it gets."""
+
+        def __init__(self, digest: "hashlib._Hash | None" = None):
+            self.n, self.digest = 0, digest
+
+        def write(self, b) -> int:
+            self.n += len(b)
+            if self.digest is not None:
+                self.digest.update(b)
+            return len(b)
+
+    def check(name: str, path: Path) -> None:
+        h = hashlib.sha256()
+        assert read_sequentially(path, h) == nbytes and h.hexdigest() == want, f"{name}: {path} is not the object"
+
+    times: dict[str, list[float]] = {k: [] for k in (
+        "boto3", "cold", "disk", "page", "rclone", "rclone_full", "rclone_full_disk", "s3fs")}
+    server_cpu: dict[str, list[float]] = {k: [] for k in ("boto3", "cold", "rclone", "rclone_full", "s3fs")}
+    client_cpu: dict[str, list[float]] = {k: [] for k in ("boto3", "cold", "disk", "rclone", "rclone_full", "s3fs")}
+    cache_bytes = []
+    with s3_server() as srv:
+        from s3servers import make_client, make_versioned_bucket
+
+        url, server_pid = srv.endpoint_url, srv.proc.pid
+        s3 = make_client(url)
+        bucket = make_versioned_bucket(s3)
+        t_put = timed(lambda: s3.put_object(Bucket=bucket, Key=S3_KEY, Body=data))
+        version_id = s3.head_object(Bucket=bucket, Key=S3_KEY)["VersionId"]
+        # The fix is in place: a ranged GET of the version is answered with the range.
+        r = s3.get_object(Bucket=bucket, Key=S3_KEY, VersionId=version_id, Range="bytes=1-2")
+        assert r["Body"].read() == data[1:3] and "ContentRange" in r, "ranged GET of a version not honoured"
+
+        def measure(key: str, fn: Callable[[], object], client_pid: int | None = None) -> float:
+            """Time ``fn`` cold (page cache dropped first); CPU of the server and the
+            client process meanwhile, as shares of one CPU."""
+            nonlocal dropped
+            dropped &= drop_caches()
+            s0 = cpu_seconds(server_pid)
+            c0 = cpu_seconds(client_pid or os.getpid())
+            t = timed(fn)
+            if key in server_cpu:
+                server_cpu[key].append((cpu_seconds(server_pid) - s0) / t)
+            if key in client_cpu:
+                client_cpu[key].append((cpu_seconds(client_pid or os.getpid()) - c0) / t)
+            times[key].append(t)
+            return t
+
+        for rep in range(ctx.reps):
+            # The reference: boto3's managed download (ranged GETs of 8 MiB on 10
+            # threads, its defaults) into a sink that keeps nothing, as a read into
+            # one buffer keeps nothing.
+            sink = Sink()
+            measure("boto3", lambda: s3.download_fileobj(bucket, S3_KEY, sink))
+            assert sink.n == nbytes, sink.n
+            if rep == 0:
+                sink = Sink(hashlib.sha256())
+                s3.download_fileobj(bucket, S3_KEY, sink)
+                assert sink.digest.hexdigest() == want, "boto3 download differs from the object"
+            # versionfs: a fresh mount with an empty cache per repetition.
+            with s3_mounted(url, bucket) as (mnt, cache):
+                path = mnt / "latest" / S3_KEY
+                pid = daemon_pid(mnt)
+                assert path.stat().st_size == nbytes
+                measure("cold", lambda: read_sequentially(path), pid)
+                cache_bytes.append(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()))
+                # Page cache dropped, disk cache kept: served from the disk cache.
+                measure("disk", lambda: read_sequentially(path), pid)
+                # And at once again: the page cache.
+                times["page"].append(timed(lambda: read_sequentially(path)))
+                if rep == 0:
+                    drop_caches()
+                    check("versionfs", path)
+            # The other mounts, cold, each freshly mounted.
+            for key, kind, mode in (("rclone", "rclone", "off"), ("rclone_full", "rclone", "full"), ("s3fs", "s3fs", "")):
+                with foreign_mount(kind, url, bucket, mode) as (mnt, pid):
+                    path = mnt / S3_KEY
+                    assert path.stat().st_size == nbytes
+                    measure(key, lambda: read_sequentially(path), pid)
+                    if key == "rclone_full":  # its re-read comes from its disk cache
+                        measure("rclone_full_disk", lambda: read_sequentially(path), pid)
+                    if rep == 0:
+                        drop_caches()
+                        check(f"{kind} {mode}".strip(), path)
+
+    med = statistics.median
+    speed = {k: mib_s(nbytes, med(v)) for k, v in times.items()}
+    ref, cold = speed["boto3"], speed["cold"]
+    suffix = "" if dropped else " (cache not dropped)"
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    ahead = lambda other: f"versionfs ahead ({met(cold > speed[other])}: {cold:,.0f} vs {speed[other]:,.0f})"  # noqa: E731
+    rows = [
+        Row("boto3 `download_fileobj` (8 MiB ranged GETs on 10 threads) into a sink that keeps nothing — reference",
+            ref, None, "—", reference=True),
+        Row(f"versionfs `latest/{S3_KEY}`, cold (fresh mount and disk cache), 1 MiB `readinto`{suffix}", cold,
+            cold / ref, f"≥ 1.0× ({met(cold >= ref)})"),
+        Row(f"`rclone mount`, `--vfs-cache-mode off` (its default), cold, 1 MiB `readinto`{suffix}", speed["rclone"],
+            speed["rclone"] / ref, ahead("rclone")),
+        Row(f"`rclone mount`, `--vfs-cache-mode full`, cold, 1 MiB `readinto`{suffix}", speed["rclone_full"],
+            speed["rclone_full"] / ref, ahead("rclone_full")),
+        Row(f"`s3fs` (its defaults: no disk cache), cold, 1 MiB `readinto`{suffix}", speed["s3fs"],
+            speed["s3fs"] / ref, ahead("s3fs")),
+        Row(f"versionfs re-read, page cache dropped: from its disk cache{suffix}", speed["disk"], speed["disk"] / ref,
+            "— (informative)"),
+        Row(f"`rclone mount --vfs-cache-mode full` re-read, page cache dropped: from its disk cache{suffix}",
+            speed["rclone_full_disk"], speed["rclone_full_disk"] / ref, "— (informative)"),
+        Row("versionfs re-read at once (page cache)", speed["page"], speed["page"] / ref, "— (informative)"),
+    ]
+    runs = lambda k: " / ".join(f"{mib_s(nbytes, t):.0f}" for t in times[k])  # noqa: E731
+    pct = lambda d, k: f"{med(d[k]):.0%}"  # noqa: E731
+    setup = (
+        f"one object of {nbytes // MiB} MiB of random bytes in a versioned bucket on a local {S3_SERVER} "
+        f"{_version_of(S3_SERVER)} server on 127.0.0.1 (in memory; its versioned GETs made to honour Range), "
+        f"rclone {_tool_version(['rclone', 'version'])}, s3fs {_tool_version(['s3fs', '--version'])}; "
+        f"every read cold (page cache dropped, fresh mount); medians of {ctx.reps} runs"
+    )
+    notes = [
+        f"CPU during the cold reads (share of one CPU; the machine has {os.cpu_count()}): server "
+        f"{pct(server_cpu, 'boto3')} for boto3, {pct(server_cpu, 'cold')} for versionfs, {pct(server_cpu, 'rclone')} for rclone off, "
+        f"{pct(server_cpu, 'rclone_full')} for rclone full, {pct(server_cpu, 's3fs')} for s3fs; the client itself "
+        f"(boto3's process, versionfs's daemon, rclone, s3fs) {pct(client_cpu, 'boto3')} / {pct(client_cpu, 'cold')} / "
+        f"{pct(client_cpu, 'rclone')} / {pct(client_cpu, 'rclone_full')} / {pct(client_cpu, 's3fs')}; versionfs's daemon during the "
+        f"re-read from its disk cache {pct(client_cpu, 'disk')}.",
+        f"versionfs's disk cache after a cold read: {med(cache_bytes) / MiB:.0f} MiB (the object is {nbytes // MiB} MiB).",
+        f"Every run (MiB/s): boto3 {runs('boto3')}; versionfs cold {runs('cold')}; rclone off {runs('rclone')}; "
+        f"rclone full {runs('rclone_full')}; s3fs {runs('s3fs')}; versionfs from disk cache {runs('disk')}; "
+        f"rclone full from disk cache {runs('rclone_full_disk')}; versionfs page cache {runs('page')}.",
+        f"The object went up in one PUT of {t_put:.1f} s.",
+        "Correctness (first run): the sha256 of what boto3 downloaded and of what versionfs (from its disk cache), "
+        "rclone (both modes) and s3fs read equals the object's.",
+    ]
+    return Result(setup, rows, notes)
+
+
+def _version_of(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _tool_version(cmd: list[str]) -> str:
+    """The version number in the first line a tool prints about itself."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    words = (r.stdout or r.stderr).splitlines()[0].split() if (r.stdout or r.stderr) else []
+    return next((w.lstrip("vV") for w in words if w.lstrip("vV")[:1].isdigit()), "?")
+
+
 BENCHES: dict[str, Callable[[Context], Result]] = {
     "read": bench_read,
     "commit": bench_commit,
+    "s3": bench_s3,
 }
 
 
