@@ -4,16 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv systemd util-linux rclone s3fs
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config hdf5-tools rsync gcc python3-dev python3-venv systemd util-linux
+BENCH_PACKAGES := rclone s3fs
 DEMO_DIR ?= /tmp/versionfs-demo
 PREFIX ?= /usr/local
 SBIN ?= /sbin
 UNIT_DIR ?= /etc/systemd/system
+PACKAGES = $(SYSTEM_PACKAGES)
 
 .PHONY: setup install system-deps test test-slow bench demo umount-demo clean
 
 system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	@missing=$$(for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:" $$missing; \
@@ -47,6 +49,7 @@ test: setup
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
 
+bench: PACKAGES = $(SYSTEM_PACKAGES) $(BENCH_PACKAGES)
 bench: setup
 	$(PY) bench/run.py
 

@@ -60,7 +60,7 @@ def test_versions_and_views(endpoint, mount):
     versions = os.listdir(m.path / "versions")
     # One version per instant at the store's precision: whole seconds put the three
     # writes of the middle step in one version, milliseconds in three.
-    assert len(versions) in (3, 5) and versions == sorted(versions)
+    assert 3 <= len(versions) <= 5 and versions == sorted(versions)  # (writes may straddle a second)
     assert all(v.endswith("Z") and "T" in v for v in versions)
     first, second, third = versions[0], versions[-2], versions[-1]
     assert tree(m.path / "versions" / first) == {"a.txt": b"one"}
@@ -179,8 +179,10 @@ def test_versions_read_once_are_served_from_the_disk_cache(mount, tmp_path):
         m = mount(f"s3://{bucket}", "--endpoint-url", server.endpoint_url, "--cache-dir", str(cache), "--cache-size", "64M")
         for key, body in bodies.items():
             assert (m.path / "latest" / key).read_bytes() == body
-        cached = [p for p in cache.rglob("*") if p.is_file()]
-        assert sum(p.stat().st_size for p in cached) == 27 * 1024 * 1024
+        deadline = time.monotonic() + 10  # blocks are written to the cache beside the reads
+        while sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and p.suffix != ".tmp") != 27 * 1024 * 1024:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)  # not the page cache
     for key, body in bodies.items():
         assert (m.path / "latest" / key).read_bytes() == body

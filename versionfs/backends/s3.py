@@ -116,6 +116,8 @@ class S3Backend:
         config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
+        # Cache writes happen beside the reads, not in front of them.
+        self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
         self._logged: set[str] = set()
         self._listing_order: list[list[tuple[str, str]]] = []
@@ -254,41 +256,45 @@ class S3Backend:
     def file_size(self, ref: S3Ref) -> int:
         return ref.size
 
-    def read(self, ref: S3Ref, offset: int, length: int) -> bytes:
+    def read(self, ref: S3Ref, offset: int, length: int) -> memoryview:
         """Bytes of one object version: whole RANGE_PART blocks, from the disk cache
-        or by ranged GETs in parallel (which then go into the cache)."""
+        or by ranged GETs in parallel, each read straight into its place in one
+        buffer (no joining); fetched blocks go to the cache beside the reads."""
         end = min(offset + length, ref.size)
         if offset >= end:
-            return b""
+            return memoryview(b"")
         blocks = range(offset // RANGE_PART, (end - 1) // RANGE_PART + 1)
-        data = b"".join(self._pool.map(lambda i: self._block(ref, i), blocks))
         start = blocks[0] * RANGE_PART
-        return data[offset - start : end - start]
+        buffer = memoryview(bytearray(min(ref.size, (blocks[-1] + 1) * RANGE_PART) - start))
+        slots = [(i, buffer[i * RANGE_PART - start : min((i + 1) * RANGE_PART, ref.size) - start]) for i in blocks]
+        list(self._pool.map(lambda slot: self._fill(ref, *slot), slots))
+        return buffer[offset - start : end - start]
 
-    def _block(self, ref: S3Ref, index: int) -> bytes:
+    def _fill(self, ref: S3Ref, index: int, into: memoryview) -> None:
         # A VersionId names one content for ever; the "null" version can be
         # replaced, so its ETag is part of the identity (it revalidates).
         identity = f"{self.bucket}\0{ref.key}\0{ref.version_id}\0{ref.etag}"
         if self.cache is not None:
-            data = self.cache.get(identity, index)
-            if data is not None:
-                return data
-        data = self._get(ref, index * RANGE_PART, min((index + 1) * RANGE_PART, ref.size))
+            cached = self.cache.get(identity, index)
+            if cached is not None and len(cached) == len(into):
+                into[:] = cached
+                return
+        self._get_into(ref, index * RANGE_PART, into)
         if self.cache is not None:
-            self.cache.put(identity, index, data)
-        return data
+            self._cache_writer.submit(self.cache.put, identity, index, bytes(into))
 
-    def _get(self, ref: S3Ref, start: int, stop: int) -> bytes:
+    def _get_into(self, ref: S3Ref, start: int, into: memoryview) -> None:
+        stop = start + len(into)
         response = self.client.get_object(
             Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id, Range=f"bytes={start}-{stop - 1}"
         )
+        # botocore's own read checks the length (and any checksum) of what came.
         data = response["Body"].read()
-        if "ContentRange" not in response and len(data) == ref.size and stop - start != ref.size:
-            # The server ignored the Range (some do with a VersionId): cut it here.
-            return data[start:stop]
-        if len(data) != stop - start:
-            raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {stop - start} bytes at {start}, got {len(data)}")
-        return data
+        if "ContentRange" not in response and len(data) == ref.size and len(into) != ref.size:
+            data = data[start:stop]  # the server ignored the Range (some do with a VersionId)
+        if len(data) != len(into):
+            raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {len(into)} bytes at {start}, got {len(data)}")
+        into[:] = data
 
     def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
         """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
@@ -476,6 +482,7 @@ class S3Backend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._cache_writer.shutdown(wait=True)  # what was read stays cached
 
 
 def _files_below(directory: Dir) -> list[File]:
