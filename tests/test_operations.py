@@ -226,3 +226,10 @@ def test_secrets_never_reach_the_log():
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "S3CRETVALUE123"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "S3CRETVALUE123" not in result.stderr and "[redacted]" in result.stderr
+
+
+def test_the_mount_reads_ahead_in_large_requests(src, mount):
+    m = mount(src)
+    dev = os.stat(m.path).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        assert int(f.read()) == 8192  # root may raise it; FUSE's default is 128
