@@ -99,6 +99,7 @@ def test_kill_during_commits(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_kill_during_commits_many(tmp_path):
     outcomes = run_trials(tmp_path, 60, seed=2)
     assert "old" in outcomes and outcomes.count("new") > 1

@@ -143,7 +143,7 @@ class LongStagingModel(StagingModel):
     pass
 
 
-TestLongStagingModel = pytest.mark.slow(LongStagingModel.TestCase)
+TestLongStagingModel = pytest.mark.timeout(3600)(pytest.mark.slow(LongStagingModel.TestCase))
 TestLongStagingModel.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
