@@ -217,3 +217,10 @@ def test_log_of_a_mount_point_uses_its_endpoint(moto, mount):
     m = mount(f"s3://{bucket}", "--endpoint-url", moto)
     result = run_versionfs("log", str(m.path))
     assert result.returncode == 0 and result.stdout.count("\n") == 1, result.stderr
+
+
+def test_an_unreachable_endpoint_is_said_at_once(tmp_path):
+    (tmp_path / "m").mkdir()
+    result = run_versionfs("mount", "s3://bucket", str(tmp_path / "m"), "--endpoint-url", "http://127.0.0.1:9", timeout=60)
+    assert result.returncode == 1 and "Could not connect" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -115,6 +115,10 @@ class S3Backend:
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
         config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # The first request answers "can this be mounted at all?": a wrong endpoint
+        # or a missing bucket is said in seconds, not after ten retries.
+        self._probe = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
@@ -132,7 +136,7 @@ class S3Backend:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
-            status = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+            status = self._probe.get_bucket_versioning(Bucket=self.bucket).get("Status")
         except NoCredentialsError:
             raise SourceError(f"{self.description}: no AWS credentials (environment, ~/.aws or instance role)") from None
         except ClientError as e:
