@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from s3servers import ministack_endpoint, moto_endpoint  # noqa: F401 - fixtures
+from versionfs.daemon import process_alive as alive
 
 # Tests never reach a real cloud: dummy credentials, no profile, no instance
 # metadata service; S3 tests talk to servers on 127.0.0.1 only.
@@ -57,14 +58,6 @@ def force_unmount(mnt: Path, pid: int | None) -> None:
             time.sleep(0.05)
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
 
 
 class Mount:

@@ -366,13 +366,14 @@ def unmount(mountpoint: str, timeout: float = 120.0) -> None:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
         raise UserError(f"{mountpoint}: cannot unmount: {reason}")
     deadline = time.monotonic() + timeout
-    while pid is not None and _alive(pid):
+    while pid is not None and process_alive(pid):
         if time.monotonic() > deadline:
             raise UserError(f"{mountpoint}: unmounted, but daemon {pid} is still running after {timeout:.0f}s")
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Running (a zombie that its parent has yet to reap counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[-1][:1] != "Z"
