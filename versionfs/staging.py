@@ -10,7 +10,10 @@ up into a blob.
 
 Durability: rows are committed to SQLite (WAL) as each operation ends and blobs
 are written with pwrite, so a closed file survives ``kill -9`` and a clean
-reboot; ``fsync`` also fsyncs the blob and the database. Nothing here knows
+reboot; ``fsync`` also fsyncs the blob and the database. SQLite statements
+and blob pread/pwrite run on the trio loop: with WAL and synchronous=NORMAL they
+never fsync, so each is a copy into the page cache; every fsync, and copying a
+whole file up, runs on a thread. Nothing here knows
 HDF5 or S3: the backend only sees the base tree and, at commit, the changes.
 
 Inodes follow objects, not paths: a live node is found again by path through
@@ -508,12 +511,14 @@ class StagingFile(StagingNode):
 
 
 async def copy_into(overlay: Overlay, base: File, path: str) -> None:
-    """Copy a base file's bytes into a local file, a large piece per worker call."""
+    """Copy a base file's bytes into a local file: a large piece per worker call,
+    each written from a thread (the disk may be slow; the trio loop must not wait)."""
     handle = await overlay.ns.open_file(base)
     size = await overlay.ns.file_size(base)
     with open(path, "r+b") as out:
         for offset in range(0, size, COPY_CHUNK):
-            out.write(await handle.read(offset, COPY_CHUNK))
+            data = await handle.read(offset, COPY_CHUNK)
+            await trio.to_thread.run_sync(os.pwrite, out.fileno(), data, offset)
     await handle.release()
 
 

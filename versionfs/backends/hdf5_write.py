@@ -178,7 +178,7 @@ class _Writer:
 
     def copy_dataset(self, source: str, dest: str) -> None:
         src = self.prev_group[source.split(f"/versions/{self.prev}/", 1)[1]]
-        self._create(dest, src[()], src.chunks_hint if hasattr(src, "chunks_hint") else _chunks_of(src), src.fillvalue)
+        self._create(dest, src[()], _chunks_of(src), src.fillvalue)
         for key, value in src.attrs.items():
             if key not in INTERNAL_ATTRS:
                 self.g[dest].attrs[key] = value
@@ -279,15 +279,12 @@ class _Writer:
                 continue
             h5path, _ = self.target(posixpath.join(directory, shown) if directory else shown)
             leaf = posixpath.basename(h5path)
-            for candidate in (leaf, _strip_ext(leaf)):
-                if candidate in group and isinstance(group[candidate], (h5py.Dataset,)) or (candidate in group and not isinstance(group[candidate], h5py.Group)):
-                    listed[candidate] = attrs
-                    break
-            else:
-                if leaf in group:
-                    listed[leaf] = attrs
-                else:
-                    log.warning("%s: no file %r here; its attributes are ignored", path, shown)
+            # The dataset a shown file name stands for: itself (raw files) or minus its extension.
+            name = next((c for c in (leaf, _strip_ext(leaf)) if c in group and not isinstance(group[c], h5py.Group)), None)
+            if name is None:
+                log.warning("%s: no file %r here; its attributes are ignored", path, shown)
+                continue
+            listed[name] = attrs
         targets = {".": group} | {name: group[name] for name in group}
         for key, obj in targets.items():
             if key != "." and key not in listed and isinstance(obj, h5py.Group):
