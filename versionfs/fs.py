@@ -152,6 +152,10 @@ class VersionFS(pyfuse3.Operations):
                     self._inodes.pop(node.key, None)
 
     @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(await self._node(inode).readlink())
+
+    @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         # The listing is taken once per opendir so that offsets stay stable.
         return self._new_handle((inode, await self._node(inode).children()))

@@ -9,15 +9,17 @@ nodes into inodes; it never looks inside them.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat as stat_mod
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
+from urllib.parse import quote
 
 from . import selectors
-from .backends.base import Backend, Dir, File, VersionInfo
+from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, to_ns
 from .cache import BlockReader
 from .errors import FsError, enoent
 from .worker import Worker
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 IMMUTABLE_TTL = 86400.0
 SHORT_TTL = 1.0
 TREE_CACHE_SIZE = 32
+HISTORY_CACHE_SIZE = 1024  # history directories kept (cleared when versions change)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Attr:
     mtime_ns: int
     mode: int  # permission bits
     nlink: int = 1
+    is_link: bool = False  # a symbolic link (``history/…/@-1``)
 
 
 class Node:
@@ -64,6 +68,9 @@ class Node:
 
     async def xattrs(self) -> dict[str, bytes]:
         return {}
+
+    async def readlink(self) -> str:
+        raise FsError(errno.EINVAL)
 
     # Changes: read-only unless a subclass says otherwise.
     async def create(self, name: str, mode: int) -> tuple["Node", "Handle"]:
@@ -129,12 +136,12 @@ class _ReadOnlyFile(Node):
 
 
 class TreeFile(_ReadOnlyFile):
-    """A file of a version. Keyed by (version, path) so that every view of the
-    same version (latest/, versions/v/, @sel/) shares one inode and page cache."""
+    """A file of a version. Keyed by what it is, e.g. ("file", version, path), so
+    that every view of the same version (latest/, versions/v/, @sel/) shares one
+    inode and page cache."""
 
-    def __init__(self, ns: "Namespace", version: str, path: str, entry: File):
-        self.ns, self.entry = ns, entry
-        self.key = ("file", version, path)
+    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL):
+        self.ns, self.entry, self.key, self.ttl = ns, entry, key, ttl
 
     async def attr(self) -> Attr:
         return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, 0o444)
@@ -176,7 +183,7 @@ class TreeDir(Node):
         path = f"{self.path}/{name}"
         if isinstance(entry, Dir):
             return TreeDir(self.ns, self.view, self.version, path, entry)
-        return TreeFile(self.ns, self.version, path, entry)
+        return TreeFile(self.ns, ("file", self.version, path), entry)
 
     async def lookup(self, name: str) -> Node:
         entry = self.entry.children.get(name)
@@ -189,7 +196,8 @@ class TreeDir(Node):
 
 
 class VersionsDir(Node):
-    """``versions/``: one directory per version, oldest first."""
+    """``versions/``: one directory per version, oldest first, each followed by
+    its image file (``<name>.h5``) where the backend has one."""
 
     is_dir = True
     ttl = SHORT_TTL
@@ -203,12 +211,22 @@ class VersionsDir(Node):
 
     async def lookup(self, name: str) -> Node:
         info = self.ns.by_name.get(name)
+        if info is not None:
+            return await self.ns.version_root("versions", info)
+        info = self.ns.by_name.get(self.ns.image_base(name) or "")
         if info is None:
             raise enoent()
-        return await self.ns.version_root("versions", info)
+        return await self.ns.image(info)
 
     async def children(self) -> list[tuple[str, Node]]:
-        return [(v.name, await self.ns.version_root("versions", v)) for v in self.ns.all_versions]
+        out: list[tuple[str, Node]] = []
+        ext = self.ns.backend_image_ext
+        for v in self.ns.all_versions:
+            out.append((v.name, await self.ns.version_root("versions", v)))
+            # A version literally named "<other>.h5" keeps its name; the other's image is not listed.
+            if ext and v.name + ext not in self.ns.by_name:
+                out.append((v.name + ext, await self.ns.image(v)))
+        return out
 
 
 class Root(Node):
@@ -221,7 +239,7 @@ class Root(Node):
         self.info: dict[str, bytes] = {}  # xattrs the daemon publishes (pid, source)
 
     async def attr(self) -> Attr:
-        return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=4)
+        return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=5)
 
     async def xattrs(self) -> dict[str, bytes]:
         return dict(self.info)
@@ -231,7 +249,14 @@ class Root(Node):
             return await self.ns.latest()
         if name == "versions":
             return self.ns.versions_dir
+        if name == "history":
+            return HistoryDir(self.ns, "")
+        image_base = self.ns.image_base(name)
+        if image_base == "latest":
+            return await self.ns.latest_image()
         if name.startswith("@"):
+            if image_base is not None and selectors.parse(image_base[1:]) is not None:
+                return await self.ns.select(image_base, image=True)
             return await self.ns.select(name)
         if name == "staging" and self.ns.overlay is not None:
             return await self.ns.overlay.node("")
@@ -241,10 +266,112 @@ class Root(Node):
         out: list[tuple[str, Node]] = []
         if self.ns.current_info() is not None:
             out.append(("latest", await self.ns.latest()))
+            if self.ns.backend_image_ext:
+                out.append(("latest" + self.ns.backend_image_ext, await self.ns.latest_image()))
         out.append(("versions", self.ns.versions_dir))
+        out.append(("history", HistoryDir(self.ns, "")))
         if self.ns.overlay is not None:
             out.append(("staging", await self.ns.overlay.node("")))
         return out
+
+class HistoryDir(Node):
+    """``history/<path>/``: the names that ever existed below ``path`` (each a
+    history directory again) and, if ``path`` was a file, one read-only file per
+    distinct version of it, oldest first. ``@<selector>`` inside it is a symlink
+    to the entry it selects. Its attributes are cheap on purpose: listing a
+    history directory must not compute the history of every child."""
+
+    is_dir = True
+    ttl = SHORT_TTL  # new versions add entries
+
+    def __init__(self, ns: "Namespace", path: str):
+        self.ns, self.path = ns, path
+        self.key = ("history", path)
+
+    def _below(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    async def attr(self) -> Attr:
+        return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2)
+
+    async def lookup(self, name: str) -> Node:
+        listing = await self.ns.history(self.path)
+        if name.startswith("@"):
+            selector = selectors.parse(name[1:])
+            chosen = listing.index.resolve(selector) if selector is not None else None
+            if chosen is None:
+                raise enoent()
+            ttl = SHORT_TTL if selector.is_relative() else IMMUTABLE_TTL
+            return HistoryLink(("history-link", self.path, name), chosen, ttl)
+        revision = listing.entries.get(name)
+        if revision is not None:
+            return HistoryFile(self.ns, self.path, name, revision)
+        if name in listing.history.children:
+            return HistoryDir(self.ns, self._below(name))
+        raise enoent()
+
+    async def children(self) -> list[tuple[str, Node]]:
+        listing = await self.ns.history(self.path)
+        out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, self._below(n))) for n in listing.history.children]
+        out += [(n, HistoryFile(self.ns, self.path, n, r)) for n, r in listing.entries.items() if n not in listing.history.children]
+        return out
+
+
+class HistoryFile(_ReadOnlyFile):
+    """One revision of a file: its content then, mtime = that version's time.
+    A deletion is an empty file."""
+
+    def __init__(self, ns: "Namespace", path: str, name: str, revision: Revision):
+        self.ns, self.revision = ns, revision
+        self.entry = revision.file if revision.file is not None else File(size=0, mtime_ns=0, content=b"")
+        self.key = ("history-file", path, name)
+
+    async def attr(self) -> Attr:
+        return Attr(False, await self.ns.file_size(self.entry), to_ns(self.revision.timestamp), 0o444)
+
+    async def _open(self) -> Handle:
+        return await self.ns.open_file(self.entry)
+
+
+class HistoryLink(Node):
+    """``@<selector>`` in a history directory: a symlink to the entry it selects."""
+
+    def __init__(self, key: Hashable, target: tuple[str, Revision], ttl: float):
+        self.key, self.ttl = key, ttl
+        self.target, self.revision = target
+
+    async def attr(self) -> Attr:
+        return Attr(False, len(os.fsencode(self.target)), to_ns(self.revision.timestamp), 0o777, is_link=True)
+
+    async def readlink(self) -> str:
+        return self.target
+
+
+@dataclass(frozen=True)
+class HistoryListing:
+    """A ``History`` with its entry names and selector index (made in one place)."""
+
+    history: History
+    entries: dict[str, Revision]
+    index: selectors.VersionIndex[tuple[str, Revision]]
+
+
+def history_listing(history: History) -> HistoryListing:
+    """Entry names ``NNNN_<time>_<id>`` (``…_deleted`` for a deletion); the id is
+    percent-encoded so that any VersionId is one safe name (README: history/)."""
+    width = max(4, len(str(len(history.revisions) - 1)))
+    entries: dict[str, Revision] = {}
+    for position, revision in enumerate(history.revisions):
+        id_text = quote(revision.version_id, safe="-._~")
+        suffix = "_deleted" if revision.file is None else ""
+        name = f"{position:0{width}d}_{revision.time_label}_{id_text}{suffix}"
+        if len(name.encode()) > NAME_MAX:  # a very long id: its hash stands in
+            digest = hashlib.sha1(revision.version_id.encode()).hexdigest()[:16]
+            name = f"{position:0{width}d}_{revision.time_label}_~{digest}{suffix}"
+        entries[name] = revision
+    items = list(entries.items())
+    index = selectors.VersionIndex(items, [r.timestamp for _, r in items], [r.version_id for _, r in items])
+    return HistoryListing(history, entries, index)
 
 
 class Namespace:
@@ -263,6 +390,9 @@ class Namespace:
         # Starts background tasks (prefetch) in the daemon's nursery, once serving.
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
+        self.backend_image_ext: str | None = getattr(backend, "image_ext", None)
+        self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
+        self._histories: OrderedDict[str, HistoryListing] = OrderedDict()
         self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
 
     def space(self) -> os.statvfs_result | None:
@@ -281,14 +411,17 @@ class Namespace:
         # Selectors count real versions only: a placeholder (HDF5's empty
         # __first_version__) is listed in versions/ but is never @0 or an as-of answer.
         real = [v for v in versions if not v.placeholder]
-        self.index = selectors.VersionIndex(real, [v.timestamp for v in real])
+        self.index = selectors.VersionIndex(real, [v.timestamp for v in real], [v.name for v in real])
         self._current = current if current in self.by_name else (versions[-1].name if versions else None)
 
     async def reload(self) -> bool:
         """Read the version list again; True if it changed."""
         before = ([v.name for v in self.all_versions], self._current)
         await self.worker.run(self.load)
-        return ([v.name for v in self.all_versions], self._current) != before
+        changed = ([v.name for v in self.all_versions], self._current) != before
+        if changed:
+            self._histories.clear()
+        return changed
 
     def current_info(self) -> VersionInfo | None:
         return self.by_name.get(self._current) if self._current else None
@@ -331,18 +464,57 @@ class Namespace:
             raise enoent()
         return await self.version_root("latest", info, SHORT_TTL)
 
-    async def select(self, name: str) -> TreeDir:
-        """``@<selector>`` at the root; ENOENT for anything that is not one."""
+    async def select(self, name: str, image: bool = False) -> Node:
+        """``@<selector>`` at the root (its image, with ``image``); ENOENT for
+        anything that is not one."""
         selector = selectors.parse(name[1:])
         info = self.index.resolve(selector) if selector else None
         if info is None:
             raise enoent()
         ttl = SHORT_TTL if selector.is_relative() else IMMUTABLE_TTL
+        if image:
+            return await self.image(info, ttl)
         return await self.version_root(name, info, ttl)
+
+    # -- X.h5: a version as one file ------------------------------------------------------
+    def image_base(self, name: str) -> str | None:
+        """``X`` for a name ``X.h5`` when the backend has images, else None."""
+        ext = self.backend_image_ext
+        if ext and name.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+        return None
+
+    async def image(self, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeFile:
+        entry = self._images.get(info.name)
+        if entry is None:
+            entry = self._images[info.name] = await self.worker.run(self.backend.image, info.name)
+        return TreeFile(self, ("image", info.name), entry, ttl)
+
+    async def latest_image(self) -> TreeFile:
+        info = self.current_info()
+        if info is None:
+            raise enoent()
+        return await self.image(info, SHORT_TTL)
+
+    # -- history/ ---------------------------------------------------------------------------
+    async def history(self, path: str) -> HistoryListing:
+        """What ``history/<path>/`` shows; ENOENT if nothing was ever there."""
+        listing = self._histories.get(path)
+        if listing is None:
+            history = await self.worker.run(self.backend.history, path)
+            if path and not history.children and not history.revisions:
+                raise enoent()
+            listing = self._histories[path] = history_listing(history)
+            while len(self._histories) > HISTORY_CACHE_SIZE:
+                self._histories.popitem(last=False)
+        else:
+            self._histories.move_to_end(path)
+        return listing
 
 
 def mode_bits(attr: Attr) -> int:
-    return (stat_mod.S_IFDIR if attr.is_dir else stat_mod.S_IFREG) | attr.mode
+    kind = stat_mod.S_IFDIR if attr.is_dir else stat_mod.S_IFLNK if attr.is_link else stat_mod.S_IFREG
+    return kind | attr.mode
 
 
 __all__ = ["Attr", "Handle", "Namespace", "Node", "mode_bits"]

@@ -1,7 +1,8 @@
-"""The selector grammar: ``@<time>`` and ``@<position>`` (DESIGN.md section 1).
+"""The selector grammar: ``@<time>``, ``@<position>`` and ``@id:<id>`` (DESIGN.md section 1).
 
-One grammar serves the root, ``history/`` and the CLI. A selector either names an
-instant (the version current *as of* then) or a position in the oldest-first list.
+One grammar serves the root, ``history/`` and the CLI. A selector names an
+instant (the version current *as of* then), a position in the oldest-first list,
+or an id (an S3 VersionId in ``history/``; a version's name elsewhere).
 Anything that is not exactly one of the documented forms is rejected: no guessing.
 """
 
@@ -45,7 +46,17 @@ class Position:
         return self.index < 0
 
 
-Selector = Union[AsOf, Position]
+@dataclass(frozen=True)
+class ById:
+    """``@id:<id>``: the entry with exactly that id."""
+
+    id: str
+
+    def is_relative(self, now: dt.datetime | None = None) -> bool:
+        return False
+
+
+Selector = Union[AsOf, Position, ById]
 
 
 def parse_time(text: str) -> dt.datetime | None:
@@ -69,6 +80,8 @@ def parse_time(text: str) -> dt.datetime | None:
 
 def parse(text: str) -> Selector | None:
     """Parse a selector without its leading ``@``; None if it is not one."""
+    if text.startswith("id:") and len(text) > 3:
+        return ById(text[3:])
     if _POSITION_RE.fullmatch(text):
         return Position(int(text))
     instant = parse_time(text)
@@ -82,12 +95,14 @@ class VersionIndex(Generic[T]):
     """Versions sorted oldest first with their timestamps: O(log n) as-of lookups.
 
     ``items`` must already be in the listing order; ties in timestamp resolve to
-    the last of the tied versions (the newest in the listing).
+    the last of the tied versions (the newest in the listing). ``ids`` (one per
+    item) answer ``@id:``.
     """
 
-    def __init__(self, items: Sequence[T], timestamps: Sequence[dt.datetime]):
+    def __init__(self, items: Sequence[T], timestamps: Sequence[dt.datetime], ids: Sequence[str] = ()):
         self.items = list(items)
         self._timestamps = list(timestamps)
+        self._ids = {id_: item for id_, item in zip(ids, self.items)}
         if self._timestamps != sorted(self._timestamps):
             raise ValueError("versions must be sorted by timestamp")
 
@@ -95,6 +110,8 @@ class VersionIndex(Generic[T]):
         return len(self.items)
 
     def resolve(self, selector: Selector) -> T | None:
+        if isinstance(selector, ById):
+            return self._ids.get(selector.id)
         if isinstance(selector, Position):
             i = selector.index
             if -len(self.items) <= i < len(self.items):

@@ -64,6 +64,24 @@ Entry = Union[File, Dir]
 Progress = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class Revision:
+    """One entry of a path's history: the file as a version left it, or its deletion."""
+
+    version_id: str  # S3: the object version's VersionId; HDF5: the version's name
+    timestamp: dt.datetime  # aware, UTC
+    time_label: str  # the time as history entry names show it (the store's precision)
+    file: File | None  # None: deleted here (an S3 delete marker; HDF5: gone from this version)
+
+
+@dataclass(frozen=True)
+class History:
+    """What ``history/<path>/`` shows."""
+
+    children: tuple[str, ...]  # names that ever existed directly below the path
+    revisions: tuple[Revision, ...]  # oldest first; empty if the path was never a file
+
+
 def find(root: Dir, path: str) -> Entry | None:
     """The entry at ``path`` ('a/b.npy'; '' is the root) of a version tree."""
     entry: Entry | None = root
@@ -116,6 +134,15 @@ class Backend(Protocol):
 
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         """Whether a local file provably holds the bytes of a version's file."""
+
+    def history(self, path: str) -> History:
+        """Everything that was ever at ``path`` ('' is the top): names below it and,
+        if it was a file, one revision per distinct version of it."""
+
+    image_ext: str | None  # X<ext> beside each tree X/ is the version as one file (None: no such file)
+
+    def image(self, version: str) -> File:
+        """The version as one file (only when ``image_ext`` is set)."""
 
     def fingerprint(self, ref: Any) -> Any:
         """Equal for two files of any versions exactly when their content is,

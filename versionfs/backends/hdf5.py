@@ -10,6 +10,7 @@ The versioned-hdf5 library itself is only asked whether it accepts the file.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -21,8 +22,10 @@ import numpy as np
 
 from .. import journal
 from ..errors import SourceError
-from . import npy
-from .base import Change, Dir, File, Progress, VersionInfo, canonical_json, compare_by_reading, safe_name, version_json
+from . import hdf5_image, npy
+from ..selectors import format_utc
+from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
+                   find, safe_name, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 TEXT_CACHE_BYTES = 64 << 20
+TREE_CACHE_SIZE = 256  # version trees kept (history/ walks every version)
+IMAGE_CACHE_SIZE = 64  # built images kept (metadata only: pages and chunk offsets)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,14 @@ class TextRef:
 
     h5path: str
     kind = "text"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A whole version as one plain HDF5 file (``hdf5_image``)."""
+
+    version: str
+    kind = "image"
 
 
 @dataclass(frozen=True)
@@ -166,11 +179,16 @@ class HDF5Backend:
 
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
+    image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.description = self.path
         self.f = open_file(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
+        self._images: OrderedDict[str, hdf5_image.Image] = OrderedDict()
+        self._trees: OrderedDict[str, Dir] = OrderedDict()
+        self._states: dict[str, Any] = {}  # dataset path -> what history compares
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: OrderedDict[str, bytes] = OrderedDict()
         self._logged: set[str] = set()
@@ -223,6 +241,17 @@ class HDF5Backend:
 
     # -- trees ------------------------------------------------------------------
     def tree(self, version: str) -> Dir:
+        """The version's tree (kept: a committed version never changes)."""
+        tree = self._trees.get(version)
+        if tree is None:
+            tree = self._trees[version] = self._build_tree(version)
+            while len(self._trees) > TREE_CACHE_SIZE:
+                self._trees.popitem(last=False)
+        else:
+            self._trees.move_to_end(version)
+        return tree
+
+    def _build_tree(self, version: str) -> Dir:
         group = self.f[VERSIONS_GROUP][version]
         info = VersionInfo(
             name=version,
@@ -318,10 +347,61 @@ class HDF5Backend:
             ds = self._datasets[h5path] = self.f[h5path]
         return ds
 
+    # -- history ------------------------------------------------------------------
+    def history(self, path: str) -> History:
+        """One revision per version in which the file at ``path`` appeared, changed
+        (content or attributes) or went away, told apart by the chunk mapping and
+        attributes, never by reading data."""
+        children: set[str] = set()
+        revisions: list[Revision] = []
+        previous: Any = None
+        for info in self.versions():
+            if info.placeholder:
+                continue
+            entry = find(self.tree(info.name), path)
+            if isinstance(entry, Dir):
+                children.update(entry.children)
+            state = self._state(entry) if isinstance(entry, File) else None
+            if state != previous:
+                shown = entry if state is not None else None
+                revisions.append(Revision(info.name, info.timestamp, format_utc(info.timestamp), shown))
+            previous = state
+        return History(tuple(sorted(children)), tuple(revisions))
+
+    def _state(self, entry: File) -> Any:
+        if entry.content is not None:  # a generated file (.attrs.json, .version.json)
+            return ("content", hashlib.sha256(entry.content).hexdigest())
+        h5path = entry.ref.h5path
+        state = self._states.get(h5path)
+        if state is None:
+            attrs = canonical_json(user_attrs(self._dataset(h5path)))
+            state = self._states[h5path] = ("data", self.fingerprint(entry.ref), attrs)
+        return state
+
+    def image(self, version: str) -> File:
+        """``X.h5``: the version as one plain HDF5 file (its size is known once built)."""
+        mtime = parse_timestamp(self.f[VERSIONS_GROUP][version].attrs["timestamp"])
+        return File(size=None, mtime_ns=VersionInfo(version, mtime, None).mtime_ns, ref=ImageRef(version))
+
+    def _image(self, version: str) -> hdf5_image.Image:
+        image = self._images.get(version)
+        if image is None:
+            image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
+            self._images[version] = image
+            while len(self._images) > IMAGE_CACHE_SIZE:
+                self._images.popitem(last=False)
+        else:
+            self._images.move_to_end(version)
+        return image
+
     def file_size(self, ref: Any) -> int:
+        if isinstance(ref, ImageRef):
+            return self._image(ref.version).size
         return len(self._text(ref))
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
+        if isinstance(ref, ImageRef):
+            return self._image(ref.version).read(self._fd, offset, length)
         if isinstance(ref, TextRef):
             return self._text(ref)[offset : offset + length]
         if isinstance(ref, RawRef):
@@ -352,6 +432,11 @@ class HDF5Backend:
             hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
         finally:
             self.f = open_file(self.path)
+            # Images are rebuilt from the file as it is now (same bytes: an image
+            # depends on content, not on where the raw chunks sit).
+            self._images.clear()
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDONLY)
         return name
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
@@ -400,4 +485,5 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._close_file()
+        os.close(self._fd)
 

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from urllib.parse import quote, urlparse
 
 from ..cache import DiskCache
 from ..errors import ConflictError, SourceError
-from .base import NAME_MAX, Change, Dir, File, Progress, VersionInfo, find, safe_name, to_ns
+from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, safe_name, to_ns
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -102,6 +103,7 @@ class S3Backend:
 
     names_versions = False  # a version is the instant of its writes
     poll_interval = 5.0  # other writers' versions appear within seconds
+    image_ext = None  # objects are files already: no single-file form of a version
 
     def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
         import boto3
@@ -130,6 +132,7 @@ class S3Backend:
         self._by_key: dict[str, list[ObjectVersion]] = {}
         self._instants: list[dt.datetime] = []
         self._digits = 0
+        self._dirs: dict[str, tuple[float, DirListing]] = {}  # history/: one listing per directory
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self) -> None:
@@ -162,11 +165,15 @@ class S3Backend:
                 order.append((key, version_id))
         self._listing_order.append(order)
 
-    def _list(self) -> list[ObjectVersion]:
-        """Every object version and delete marker under the prefix, in listing order."""
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
+        """Every object version and delete marker under ``prefix`` in listing order
+        and, with a delimiter, the "subdirectory" prefixes found."""
         self._listing_order = []
         found: dict[tuple[str, str], ObjectVersion] = {}
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+        subdirs: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
         while True:
             page = self.client.list_object_versions(**kwargs)
             for item in page.get("Versions", []):
@@ -178,24 +185,33 @@ class S3Backend:
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC), None, 0, True,
                 )
+            subdirs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
             if not page.get("IsTruncated"):
                 break
             # Both markers: one key's versions may span pages.
             kwargs["KeyMarker"] = page["NextKeyMarker"]
             kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
         ordered = [found.pop(kv) for page in self._listing_order for kv in page if kv in found]
-        return ordered + list(found.values())  # anything the XML did not show, last
+        return ordered + list(found.values()), subdirs  # anything the XML did not show, last
 
-    def versions(self) -> list[VersionInfo]:
+    @staticmethod
+    def _by_key_newest_first(listing: list[ObjectVersion]) -> dict[str, list[ObjectVersion]]:
         by_key: dict[str, list[ObjectVersion]] = defaultdict(list)
-        for version in self._list():
+        for version in listing:
             by_key[version.key].append(version)
         for versions in by_key.values():
             # Newest first. Listing order decides only between equal times (some
             # servers list a key's delete markers after all of its versions).
             versions.sort(key=lambda v: v.modified, reverse=True)
-        self._by_key = dict(by_key)
-        self._instants = sorted({v.modified for versions in by_key.values() for v in versions})
+        return dict(by_key)
+
+    def versions(self) -> list[VersionInfo]:
+        by_key = self._by_key_newest_first(self._list(self.prefix)[0])
+        instants = sorted({v.modified for versions in by_key.values() for v in versions})
+        if instants != self._instants:
+            self._dirs.clear()  # history/ lists again
+        self._by_key = by_key
+        self._instants = instants
         self._digits = fraction_digits(self._instants)
         infos, previous = [], None
         for instant in self._instants:
@@ -247,14 +263,46 @@ class S3Backend:
             name = safe_name(parts[-1], "", set(parent.children))
             if name != parts[-1]:
                 self._log_once(shown.key, "key %r is shown as %r (the name is taken)", shown.key, name)
-            parent.children[name] = File(
-                size=shown.size,
-                mtime_ns=to_ns(shown.modified),
-                ref=S3Ref(shown.key, shown.version_id, shown.etag, shown.size),
-                layout=(0, RANGE_PART),
-                readahead=READAHEAD,
-            )
+            parent.children[name] = _file(shown)
         return root
+
+    # -- history ------------------------------------------------------------------------
+    def history(self, path: str) -> History:
+        """From one listing per directory (Delimiter "/"), kept until the versions
+        change or for POLL seconds: the names ever below ``path`` and every
+        version and delete marker of the key at ``path``, oldest first."""
+        listing = self._dir_listing(path)
+        children = set(listing.subdirs)
+        children.update(name for name in listing.keys if self._valid(path, name))
+        revisions: tuple[Revision, ...] = ()
+        if path:
+            parent, _, name = path.rpartition("/")
+            versions = self._dir_listing(parent).keys.get(name, [])
+            digits = max(self._digits, fraction_digits([v.modified for v in versions]))
+            revisions = tuple(
+                Revision(v.version_id, v.modified, version_name(v.modified, digits), None if v.deleted else _file(v))
+                for v in reversed(versions)
+            )
+        return History(tuple(sorted(children)), revisions)
+
+    def _valid(self, directory: str, name: str) -> bool:
+        key = f"{directory}/{name}" if directory else name
+        if path_parts(key) is None:
+            self._log_once(self.prefix + key, "key %r is not a valid path: not shown", self.prefix + key)
+            return False
+        return True
+
+    def _dir_listing(self, directory: str) -> "DirListing":
+        cached = self._dirs.get(directory)
+        if cached is not None and time.monotonic() - cached[0] < self.poll_interval:
+            return cached[1]
+        prefix = self.prefix + (directory + "/" if directory else "")
+        listing, subdirs = self._list(prefix, "/")
+        keys = {key[len(prefix):]: versions for key, versions in self._by_key_newest_first(listing).items()}
+        names = [p[len(prefix):].rstrip("/") for p in subdirs]
+        result = DirListing(keys, tuple(n for n in names if path_parts(n) is not None and "/" not in n))
+        self._dirs[directory] = (time.monotonic(), result)
+        return result
 
     # -- data ---------------------------------------------------------------------------
     def file_size(self, ref: S3Ref) -> int:
@@ -487,6 +535,22 @@ class S3Backend:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self._cache_writer.shutdown(wait=True)  # what was read stays cached
+
+
+@dataclass(frozen=True)
+class DirListing:
+    keys: dict[str, list[ObjectVersion]]  # name directly below -> its versions, newest first
+    subdirs: tuple[str, ...]  # names of the "subdirectories" (common prefixes)
+
+
+def _file(version: ObjectVersion) -> File:
+    return File(
+        size=version.size,
+        mtime_ns=to_ns(version.modified),
+        ref=S3Ref(version.key, version.version_id, version.etag, version.size),
+        layout=(0, RANGE_PART),
+        readahead=READAHEAD,
+    )
 
 
 def _files_below(directory: Dir) -> list[File]:

@@ -1,0 +1,218 @@
+"""X.h5 beside every tree: each version as one self-contained plain HDF5 file,
+checked through real mounts with h5py, h5dump, h5ls, h5diff, cmp and ls -l
+against what the versioned-hdf5 library returns."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from versioned_hdf5 import VersionedHDF5File
+
+import zoo
+from conftest import run_versionfs
+from helpers import make_versions
+from versionfs.backends import hdf5_image
+from versionfs.backends.hdf5 import INTERNAL_ATTRS
+
+VERSIONS = ["v1", "v2", "v3"]
+
+
+def packed(g):
+    rng = np.random.default_rng(0)
+    g.create_dataset("gzip", data=np.arange(100_000, dtype="f8").reshape(1000, 100), chunks=(64, 30),
+                     compression="gzip", compression_opts=4, shuffle=True)
+    g.create_dataset("checksummed", data=np.arange(1000, dtype="i4"), chunks=(100,), fletcher32=True)
+    g.create_dataset("lzf", data=rng.integers(0, 5, (300, 7)), chunks=(50, 7), compression="lzf")
+    g.create_dataset("big", data=rng.standard_normal((2000, 1000)), chunks=(256, 1000))
+    g["gzip"].attrs["note"] = "compressed"
+
+
+def packed2(g):
+    g["gzip"][5, 5] = -1
+    g["lzf"].resize((310, 7))
+
+
+@pytest.fixture(scope="module")
+def zoo_file(tmp_path_factory):
+    return zoo.build(tmp_path_factory.mktemp("zoo") / "zoo.h5")
+
+
+@pytest.fixture(scope="module")
+def packed_file(tmp_path_factory):
+    return make_versions(tmp_path_factory.mktemp("packed") / "packed.h5", packed, packed2)
+
+
+@pytest.fixture(scope="module")
+def zmnt(zoo_file, module_mount):
+    return module_mount(zoo_file)
+
+
+@pytest.fixture(scope="module")
+def pmnt(packed_file, module_mount):
+    return module_mount(packed_file)
+
+
+def objects(f: h5py.Group) -> dict[str, h5py.HLObject]:
+    found = {}
+    f.visititems(lambda name, obj: found.__setitem__(name, obj))
+    return found
+
+
+def same_attrs(a: h5py.HLObject, b: h5py.HLObject) -> None:
+    wanted = {k: v for k, v in a.attrs.items() if k not in INTERNAL_ATTRS}
+    got = dict(b.attrs.items())
+    assert sorted(wanted) == sorted(got), a.name
+    for k, v in wanted.items():
+        assert np.array_equal(np.asarray(v), np.asarray(got[k])), (a.name, k)
+        assert b.attrs.get_id(k).dtype == a.attrs.get_id(k).dtype, (a.name, k)
+
+
+def check_image(source: Path, version: str, image: Path) -> None:
+    """The image holds exactly the version: same objects, data, dtypes, chunking,
+    filters and attributes, and nothing of the versioning format."""
+    size = os.stat(image).st_size  # before any read
+    data = image.read_bytes()
+    assert len(data) == size
+    with h5py.File(source, "r") as f, h5py.File(image, "r") as img:
+        group = f[f"_version_data/versions/{version}"]
+        lib = VersionedHDF5File(f)[version]
+        wanted, got = objects(group), objects(img)
+        assert sorted(wanted) == sorted(got)
+        assert not any(name.startswith("_version_data") for name in got)
+        same_attrs(group, img)
+        for name, obj in wanted.items():
+            out = got[name]
+            same_attrs(obj, out)
+            if isinstance(obj, h5py.Group):
+                assert isinstance(out, h5py.Group)
+                continue
+            expected = lib[name][()]
+            assert out.dtype == obj.dtype and out.shape == obj.shape, name
+            if expected.dtype.kind == "O":
+                assert list(out.asstr()[()] if out.ndim else [out.asstr()[()]]) == [
+                    x.decode() if isinstance(x, bytes) else x for x in (expected if out.ndim else [expected])]
+            else:
+                np.testing.assert_array_equal(out[()], expected, err_msg=name)
+            if out.ndim:
+                raw = f[f"_version_data/{name}/raw_data"]
+                assert (out.chunks, out.compression, out.compression_opts, out.shuffle, out.fletcher32) == (
+                    raw.chunks, raw.compression, raw.compression_opts, raw.shuffle, raw.fletcher32), name
+            if out.dtype.kind in "biuf":
+                assert out.fillvalue == obj.fillvalue, name
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_version_of_the_zoo_is_a_plain_file(zoo_file, zmnt, version):
+    check_image(zoo_file, version, zmnt.path / "versions" / f"{version}.h5")
+
+
+def test_compressed_and_checksummed_chunks_are_served_as_stored(packed_file, pmnt):
+    for version in ["v1", "v2"]:
+        check_image(packed_file, version, pmnt.path / "versions" / f"{version}.h5")
+    header = subprocess.run(["h5dump", "-p", "-H", str(pmnt.path / "latest.h5")], capture_output=True, text=True)
+    assert header.returncode == 0
+    assert "COMPRESSION DEFLATE { LEVEL 4 }" in header.stdout and "PREPROCESSING SHUFFLE" in header.stdout
+    assert "CHECKSUM FLETCHER32" in header.stdout and "CHUNKED ( 64, 30 )" in header.stdout
+
+
+def test_h5dump_h5ls_and_h5diff(zmnt):
+    versions = zmnt.path / "versions"
+    dump = subprocess.run(["h5dump", str(versions / "v3.h5")], capture_output=True, text=True)
+    assert dump.returncode == 0 and '"added"' in dump.stdout and "_version_data" not in dump.stdout
+    listing = subprocess.run(["h5ls", "-r", str(versions / "v1.h5")], capture_output=True, text=True, check=True).stdout
+    names = {line.split()[0] for line in listing.splitlines()}
+    assert {"/cube", "/a/b/c/deep", "/doomed", "/labels", "/records"} <= names
+    same = subprocess.run(["h5diff", str(zmnt.path / "latest.h5"), str(versions / "v3.h5")], capture_output=True, text=True)
+    assert same.returncode == 0, same.stdout
+    diff = subprocess.run(["h5diff", "-r", str(versions / "v2.h5"), str(versions / "v3.h5")], capture_output=True, text=True)
+    assert diff.returncode == 1
+    found: dict[str, str] = {}
+    current = None
+    for line in diff.stdout.splitlines():
+        if line.startswith("dataset: <"):
+            current = line.split("<")[1].split(">")[0]
+        elif "differences found" in line and current:
+            found[current] = line.split()[0]
+    assert found["/ints/i1"] == "1" and found["/cube"] == "0" and found["/growing"] == "0"
+
+
+def test_selectors_latest_and_listing(zmnt):
+    root = zmnt.path
+    assert subprocess.run(["cmp", str(root / "latest.h5"), str(root / "versions/v3.h5")]).returncode == 0
+    assert subprocess.run(["cmp", str(root / "@0.h5"), str(root / "versions/v1.h5")]).returncode == 0
+    assert subprocess.run(["cmp", str(root / "@2024-02-15.h5"), str(root / "versions/v2.h5")]).returncode == 0
+    assert subprocess.run(["cmp", str(root / "@id:v2.h5"), str(root / "versions/v2.h5")]).returncode == 0
+    for bad in ["@2000-01-01.h5", "@9.h5", "@nope.h5", ".h5", "versions/nope.h5", "latest.h5x"]:
+        assert not (root / bad).exists(), bad
+    assert "latest.h5" in os.listdir(root) and "@-1.h5" not in os.listdir(root)
+    assert [n for n in os.listdir(root / "versions") if n.endswith(".h5")] == [
+        "__first_version__.h5", "v1.h5", "v2.h5", "v3.h5"]
+    listing = subprocess.run(["ls", "-l", str(root / "versions")], capture_output=True, text=True, check=True).stdout
+    for version in VERSIONS:
+        line = next(line for line in listing.splitlines() if line.endswith(f" {version}.h5"))
+        assert line.startswith("-r--r--r--") and int(line.split()[4]) == os.stat(root / f"versions/{version}.h5").st_size
+    with pytest.raises(OSError) as e:
+        open(root / "latest.h5", "r+b")
+    assert e.value.errno == errno.EROFS
+
+
+def test_two_builds_are_byte_identical(zoo_file, zmnt, mount):
+    again = mount(zoo_file)  # another daemon builds it afresh
+    for version in VERSIONS:
+        assert (zmnt.path / f"versions/{version}.h5").read_bytes() == (again.path / f"versions/{version}.h5").read_bytes()
+
+
+def test_only_metadata_is_built_up_front(packed_file):
+    with h5py.File(packed_file, "r") as f:
+        image = hdf5_image.build(f, "_version_data/versions/v1", INTERNAL_ATTRS)
+    kept = sum(len(page) for page in image.pages.values())
+    assert image.size > 16_000_000 and kept < 200_000  # 16 MB of chunks, not copied
+    assert sum(r.length for r in image.regions) > 16_000_000
+
+
+def test_a_plain_copy_made_with_h5py_has_no_differences(zoo_file, zmnt, tmp_path):
+    copy = tmp_path / "copy.h5"
+    with h5py.File(zoo_file, "r") as f, h5py.File(copy, "w") as out:
+        version = VersionedHDF5File(f)["v2"]
+        for name, obj in objects(f["_version_data/versions/v2"]).items():
+            if isinstance(obj, h5py.Dataset):
+                out.create_dataset(name, data=version[name][()], dtype=obj.dtype)
+            else:
+                out.require_group(name)
+            for key, value in obj.attrs.items():
+                if key not in INTERNAL_ATTRS:
+                    out[name].attrs[key] = value
+    # h5diff calls any two empty datasets "not comparable": those are left out.
+    result = subprocess.run(["h5diff", "--exclude-path", "/empty", "--exclude-path", "/empty2d",
+                             str(zmnt.path / "versions/v2.h5"), str(copy)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_images_follow_commits(tmp_path, mount):
+    path = make_versions(tmp_path / "c.h5", packed)
+    m = mount(path)
+    before = (m.path / "versions/v1.h5").read_bytes()
+    np.save(m.path / "staging/checksummed.npy", np.arange(1000, dtype="i4") * 3)
+    assert run_versionfs("commit", str(m.path), "-n", "v2").returncode == 0
+    with h5py.File(m.path / "latest.h5", "r") as img:
+        assert img["checksummed"][()].tolist() == (np.arange(1000) * 3).tolist()
+        assert img["checksummed"].fletcher32
+    assert (m.path / "versions/v1.h5").read_bytes() == before
+    check_image(path, "v2", m.path / "versions/v2.h5")
+
+
+def test_s3_sources_have_no_images(moto_endpoint, mount):
+    from s3servers import make_client, make_versioned_bucket
+
+    s3 = make_client(moto_endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="a", Body=b"a")
+    m = mount(f"s3://{bucket}", "--endpoint-url", moto_endpoint)
+    assert not (m.path / "latest.h5").exists() and "latest.h5" not in os.listdir(m.path)
+    assert not any(n.endswith(".h5") for n in os.listdir(m.path / "versions"))
