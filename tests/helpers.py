@@ -26,6 +26,13 @@ def make_versions(path: Path, *steps: Callable[[h5py.Group], None], names=None, 
     return path
 
 
+def version_dirs(versions: Path) -> list[str]:
+    """``versions/`` as listed, without the ``<name>.h5`` images of HDF5 sources."""
+    import os
+
+    return [n for n in os.listdir(versions) if not n.endswith(".h5")]
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)

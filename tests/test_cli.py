@@ -15,7 +15,7 @@ import pytest
 from versioned_hdf5 import VersionedHDF5File
 
 from conftest import VERSIONFS, alive, daemon_pid, force_unmount, is_mounted, run_versionfs
-from helpers import make_versions
+from helpers import make_versions, version_dirs
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_init(tmp_path, mount):
         assert VersionedHDF5File(f).current_version == "__first_version__"
     assert_one_line_error(run_versionfs("init", str(path)), "already exists")
     m = mount(path)
-    assert os.listdir(m.path / "versions") == ["__first_version__"]
+    assert version_dirs(m.path / "versions") == ["__first_version__"]
     assert os.listdir(m.path / "latest") == [".version.json"]
     assert not (m.path / "@-1").exists()
 
@@ -149,7 +149,7 @@ def test_demo(tmp_path):
         assert is_mounted(mnt)
         assert str(mnt) in result.stdout and "diff -r" in result.stdout
         assert f"{mnt}/staging/" in result.stdout and "versionfs commit" in result.stdout
-        assert os.listdir(mnt / "versions") == ["__first_version__", "2024-01", "2024-02", "2024-02-fix"]
+        assert version_dirs(mnt / "versions") == ["__first_version__", "2024-01", "2024-02", "2024-02-fix"]
         diff = subprocess.run(["diff", "-r", str(mnt / "versions/2024-02"), str(mnt / "versions/2024-02-fix")], capture_output=True, text=True)
         assert diff.returncode == 1 and "rain_mm.npy" in diff.stdout and "sunshine_h.npy" in diff.stdout
         assert np.load(mnt / "@2024-03-02/daily/temperature.npy").shape == (60, 4)

@@ -113,8 +113,9 @@ def test_attributes_and_version_json(zmnt):
 
 
 def test_layout_listing_and_times(zmnt):
-    assert os.listdir(zmnt.path) == ["latest", "versions", "staging"]
-    assert os.listdir(zmnt.path / "versions") == ["__first_version__", "v1", "v2", "v3"]  # oldest first
+    assert os.listdir(zmnt.path) == ["latest", "latest.h5", "versions", "history", "staging"]
+    assert os.listdir(zmnt.path / "versions") == [  # oldest first, each with its image
+        "__first_version__", "__first_version__.h5", "v1", "v1.h5", "v2", "v2.h5", "v3", "v3.h5"]
     for version, when in zip(VERSIONS, zoo.TIMES):
         st = os.stat(zmnt.path / "versions" / version)
         assert st.st_mtime_ns == int(when.timestamp()) * 10**9 + when.microsecond * 1000

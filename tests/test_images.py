@@ -216,3 +216,20 @@ def test_s3_sources_have_no_images(moto_endpoint, mount):
     m = mount(f"s3://{bucket}", "--endpoint-url", moto_endpoint)
     assert not (m.path / "latest.h5").exists() and "latest.h5" not in os.listdir(m.path)
     assert not any(n.endswith(".h5") for n in os.listdir(m.path / "versions"))
+
+
+def test_a_listing_builds_no_image_and_reads_never_stop_short(zoo_file, mount):
+    m = mount(zoo_file)
+    names = os.listdir(m.path / "versions")  # readdirplus: attributes of every entry
+    os.listdir(m.path)
+    assert "v2.h5" in names and "built the .h5 image" not in m.log
+    # Read without any stat first: the size the listing left open must not cut the read short.
+    fd = os.open(m.path / "versions/v2.h5", os.O_RDONLY)
+    try:
+        data = b""
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+    assert len(data) == os.stat(m.path / "versions/v2.h5").st_size > 0
+    assert m.log.count("built the .h5 image of version v2") == 1

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import VERSIONFS, is_mounted, run_versionfs
-from helpers import make_versions
+from helpers import make_versions, version_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 HELPER = REPO / "mount_helpers" / "mount.fuse.versionfs"
@@ -154,7 +154,7 @@ def test_scheduled_snapshots(src, mnt, tmp_path):
     np.save(data / "readings.npy", readings)
     third = run_job()
     assert third not in ("unchanged", first)
-    versions = os.listdir(mnt / "versions")
+    versions = version_dirs(mnt / "versions")
     assert versions[-2:] == [first, third] and len(versions) == 4  # __first_version__, v1 and two
     assert subprocess.run(["diff", "-r", "--exclude=.version.json", str(data), str(mnt / "versions" / third)]).returncode == 0
     diff = subprocess.run(["diff", "-rq", str(mnt / "versions" / first), str(mnt / "versions" / third)], capture_output=True, text=True)

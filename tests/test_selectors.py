@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from versionfs.selectors import AsOf, Position, VersionIndex, parse
+from versionfs.selectors import AsOf, ById, Position, VersionIndex, parse
 
 UTC = dt.timezone.utc
 
@@ -36,7 +36,7 @@ def test_positions(text, index):
     ["", "latest", "-", "--1", "+1", "1.5", "2024-1-5", "2024-13-01", "2024-02-30",
      "2024-01-15T25:00", "2024-01-15T10", "2024-01-15Z", "2024-W03",
      "2024-01-15T10:30:00.1234567890", "2024-01-15T10:30+0200", " 2024-01-15", "2024-01-15 ",
-     "id:abc", "1e3", "0x10", "١٢"],
+     "id:", "1e3", "0x10", "١٢"],
 )
 def test_anything_else_is_not_a_selector(text):
     assert parse(text) is None
@@ -59,3 +59,13 @@ def test_relative_selectors():
     assert Position(-1).is_relative() and not Position(0).is_relative()
     assert AsOf(dt.datetime(3000, 1, 1, tzinfo=UTC)).is_relative()
     assert not AsOf(dt.datetime(2000, 1, 1, tzinfo=UTC)).is_relative()
+
+
+def test_ids():
+    assert parse("id:v2") == ById("v2")
+    assert parse("id:3/L4kqtJl+cp.X_-null") == ById("3/L4kqtJl+cp.X_-null")  # S3 VersionIds as they come
+    t = [dt.datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2)]
+    index = VersionIndex(["a", "b"], t, ["id-a", "id-b"])
+    assert index.resolve(ById("id-b")) == "b" and index.resolve(ById("nope")) is None
+    assert VersionIndex(["a"], t[:1]).resolve(ById("a")) is None  # no ids given: nothing by id
+    assert not ById("x").is_relative()

@@ -96,12 +96,12 @@ class VersionFS(pyfuse3.Operations):
             raise FsError(errno.ESTALE)
         return node
 
-    async def _entry(self, node: Node, count: bool = True) -> pyfuse3.EntryAttributes:
-        attr = await node.attr()
+    async def _entry(self, node: Node, count: bool = True, listing: bool = False) -> pyfuse3.EntryAttributes:
+        attr = await (node.listing_attr() if listing else node.attr())
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self._inode(node, count)
         entry.generation = 0
-        entry.entry_timeout = entry.attr_timeout = node.ttl
+        entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else 0
         entry.st_mode = mode_bits(attr)
         entry.st_nlink = attr.nlink
         entry.st_uid, entry.st_gid = self.uid, self.gid
@@ -165,7 +165,7 @@ class VersionFS(pyfuse3.Operations):
         inode, entries = self._handle(fh)
         for i in range(start_id, len(entries)):
             name, node = entries[i]
-            entry = await self._entry(node, count=False)
+            entry = await self._entry(node, count=False, listing=True)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
                 break
             self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup

@@ -43,6 +43,7 @@ class Attr:
     mode: int  # permission bits
     nlink: int = 1
     is_link: bool = False  # a symbolic link (``history/…/@-1``)
+    exact: bool = True  # False: a listing's placeholder (size not computed); never cached by the kernel
 
 
 class Node:
@@ -56,6 +57,10 @@ class Node:
 
     async def attr(self) -> Attr:
         raise NotImplementedError
+
+    async def listing_attr(self) -> Attr:
+        """The attributes a directory listing gives: ``attr()`` unless that is costly."""
+        return await self.attr()
 
     async def lookup(self, name: str) -> "Node":
         raise FsError(errno.ENOTDIR)
@@ -145,6 +150,14 @@ class TreeFile(_ReadOnlyFile):
 
     async def attr(self) -> Attr:
         return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, 0o444)
+
+    async def listing_attr(self) -> Attr:
+        # A size not known yet (an .h5 image, a text file) costs a build or a read:
+        # a listing does not pay it; the kernel asks again, for exact attributes,
+        # when something stats or reads the file.
+        if self.entry.size is None and self.entry.content is None:
+            return Attr(False, 0, self.entry.mtime_ns, 0o444, exact=False)
+        return await self.attr()
 
     async def _open(self) -> Handle:
         return await self.ns.open_file(self.entry)

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -386,7 +387,10 @@ class HDF5Backend:
     def _image(self, version: str) -> hdf5_image.Image:
         image = self._images.get(version)
         if image is None:
+            started = time.monotonic()
             image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
+            log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
+                     version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
             self._images[version] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
                 self._images.popitem(last=False)
