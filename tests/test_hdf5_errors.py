@@ -30,10 +30,11 @@ def _errno_of(fn, *args) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("where", ["", "latest", "versions", "versions/v1", "latest/grp", "@-1", "@0/grp"])
+@pytest.mark.parametrize("where", ["", "latest", "versions", "versions/v1", "latest/grp", "@-1", "@0/grp",
+                                   "history", "history/x.npy"])
 def test_every_change_is_erofs(ro, where):
     d = ro.path / where
-    file = next(p for p in d.iterdir() if p.is_file()) if where not in ("", "versions") else None
+    file = next((p for p in d.iterdir() if p.is_file()), None) if where not in ("", "versions") else None
     attempts = {
         "create": lambda: os.open(d / "new", os.O_CREAT | os.O_WRONLY, 0o644),
         "mkdir": lambda: os.mkdir(d / "newdir"),
@@ -70,6 +71,12 @@ def test_names_too_long_and_missing(ro):
     assert _errno_of(os.stat, ro.path / "latest/nothing.npy") == errno.ENOENT
     assert _errno_of(os.stat, ro.path / "versions/nope") == errno.ENOENT
     assert _errno_of(os.listdir, ro.path / "latest/x.npy") == errno.ENOTDIR
+    assert _errno_of(os.stat, ro.path / "history/nothing.npy") == errno.ENOENT
+    assert _errno_of(os.stat, ro.path / "history" / ("n" * 256)) == errno.ENAMETOOLONG
+    assert _errno_of(os.stat, ro.path / "history/x.npy/0000_nope") == errno.ENOENT
+    assert _errno_of(os.readlink, ro.path / "history/x.npy/0000_nope") == errno.ENOENT
+    assert _errno_of(os.readlink, ro.path / "latest.h5") == errno.EINVAL  # not a link
+    assert _errno_of(os.stat, ro.path / "versions/nope.h5") == errno.ENOENT
     assert os.statvfs(ro.path).f_namemax == 255
 
 

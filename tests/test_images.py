@@ -233,3 +233,48 @@ def test_a_listing_builds_no_image_and_reads_never_stop_short(zoo_file, mount):
         os.close(fd)
     assert len(data) == os.stat(m.path / "versions/v2.h5").st_size > 0
     assert m.log.count("built the .h5 image of version v2") == 1
+
+
+def test_what_a_plain_file_cannot_hold_is_left_out_and_logged_once(tmp_path, mount):
+    def step(g):
+        g.create_dataset("ok", data=np.arange(10), chunks=(4,))
+        g["ok"].attrs["kept"] = 1
+
+    path = make_versions(tmp_path / "odd.h5", step)
+    with h5py.File(path, "a") as f:  # objects versioned-hdf5 itself would not write
+        group = f["_version_data/versions/v1"]
+        ragged = group.create_dataset("ragged", shape=(2,), dtype=h5py.vlen_dtype(np.dtype("i4")))
+        ragged[0], ragged[1] = np.arange(2), np.arange(3)
+        group["alias"] = h5py.SoftLink("/_version_data/versions/v1/ok")
+        group["ok"].attrs["where"] = f["_version_data/versions/v1/ok"].ref
+    m = mount(path)
+    with h5py.File(m.path / "latest.h5", "r") as img:
+        assert list(img) == ["ok"] and img["ok"][()].tolist() == list(range(10))
+        assert dict(img["ok"].attrs) == {"kept": 1}
+    assert (m.path / "versions/v1.h5").read_bytes() == (m.path / "latest.h5").read_bytes()
+    log = m.log
+    for what in ["ragged", "alias", "ok attribute where"]:
+        assert log.count(f"{what} is left out of the plain .h5 image") == 1, log
+
+
+def test_a_damaged_chunk_fails_only_its_reads(tmp_path, mount):
+    def step(g):
+        g.create_dataset("z", data=np.arange(2**16 * 4, dtype="f8"), chunks=(2**16,), compression="gzip")
+        g.create_dataset("ok", data=np.arange(10))
+
+    path = make_versions(tmp_path / "damaged.h5", step)
+    with h5py.File(path, "r") as f:
+        info = f["_version_data/z/raw_data"].id.get_chunk_info(2)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + 10)
+        f.write(b"\xff" * (info.size - 20))
+    m = mount(path)
+    image = (m.path / "latest.h5").read_bytes()  # the stored bytes, damage included, are served as they are
+    assert len(image) == os.stat(m.path / "latest.h5").st_size
+    with h5py.File(m.path / "latest.h5", "r") as img:
+        assert img["ok"][()].tolist() == list(range(10))
+        assert img["z"][: 2**16].tolist() == list(range(2**16))
+        with pytest.raises(OSError):
+            img["z"][2 * 2**16 : 2 * 2**16 + 1]
+    assert subprocess.run(["h5dump", "-d", "/z", str(m.path / "latest.h5")], capture_output=True).returncode != 0
+    assert subprocess.run(["h5dump", "-H", str(m.path / "latest.h5")], capture_output=True).returncode == 0

@@ -37,6 +37,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PAGE = 4096
+_LOGGED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,11 @@ class _Builder:
         plans = {}
         largest = 1
         for path, ds in _datasets(group):
-            plan = self._plan(ds)
+            try:
+                plan = self._plan(ds)
+            except Exception as e:  # noqa: BLE001 - copied with its data instead, or left out
+                log.warning("%s: its chunks cannot be mapped (%s); copying its data", path, e)
+                plan = None
             if plan is not None:
                 plans[path] = plan
                 largest = max([largest, *(size for _, _, _, size in plan[1])])
@@ -198,7 +203,12 @@ class _Builder:
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
                 self._copy_group(obj, child, recorder, placeholder, plans)
             elif isinstance(obj, h5py.Dataset):
-                self._copy_dataset(obj, dst, name, recorder, placeholder, plans.get(obj.name))
+                try:
+                    self._copy_dataset(obj, dst, name, recorder, placeholder, plans.get(obj.name))
+                except Exception as e:  # noqa: BLE001 - one odd dataset must not cost the whole image
+                    if name in dst:
+                        del dst[name]
+                    self._skip(obj.name, f"cannot be copied: {type(e).__name__}: {e}")
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")
 
@@ -308,7 +318,9 @@ class _Builder:
 
     def _skip(self, what: str, why: str) -> None:
         self.skipped.append(what)
-        log.warning("%s is left out of the plain .h5 image: %s", what, why)
+        if what not in _LOGGED:  # once per daemon, however often the image is rebuilt
+            _LOGGED.add(what)
+            log.warning("%s is left out of the plain .h5 image: %s", what, why)
 
 
 def _datasets(group: h5py.Group) -> list[tuple[str, h5py.Dataset]]:
