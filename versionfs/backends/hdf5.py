@@ -26,7 +26,7 @@ from ..errors import SourceError
 from . import hdf5_image, npy
 from ..selectors import format_utc
 from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
-                   find, safe_name, version_json)
+                   safe_name, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 TEXT_CACHE_BYTES = 64 << 20
-TREE_CACHE_SIZE = 256  # version trees kept (history/ walks every version)
 IMAGE_CACHE_SIZE = 64  # built images kept (metadata only: pages and chunk offsets)
 
 
@@ -188,7 +187,7 @@ class HDF5Backend:
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
         self._images: OrderedDict[str, hdf5_image.Image] = OrderedDict()
-        self._trees: OrderedDict[str, Dir] = OrderedDict()
+        self._paths: dict[str, dict[str, File | tuple[str, ...]]] = {}  # history/: see _paths_of
         self._states: dict[str, Any] = {}  # dataset path -> what history compares
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: OrderedDict[str, bytes] = OrderedDict()
@@ -242,17 +241,6 @@ class HDF5Backend:
 
     # -- trees ------------------------------------------------------------------
     def tree(self, version: str) -> Dir:
-        """The version's tree (kept: a committed version never changes)."""
-        tree = self._trees.get(version)
-        if tree is None:
-            tree = self._trees[version] = self._build_tree(version)
-            while len(self._trees) > TREE_CACHE_SIZE:
-                self._trees.popitem(last=False)
-        else:
-            self._trees.move_to_end(version)
-        return tree
-
-    def _build_tree(self, version: str) -> Dir:
         group = self.f[VERSIONS_GROUP][version]
         info = VersionInfo(
             name=version,
@@ -359,15 +347,34 @@ class HDF5Backend:
         for info in self.versions():
             if info.placeholder:
                 continue
-            entry = find(self.tree(info.name), path)
-            if isinstance(entry, Dir):
-                children.update(entry.children)
+            entry = self._paths_of(info.name).get(path)
+            if isinstance(entry, tuple):
+                children.update(entry)
             state = self._state(entry) if isinstance(entry, File) else None
             if state != previous:
                 shown = entry if state is not None else None
                 revisions.append(Revision(info.name, info.timestamp, format_utc(info.timestamp), shown))
             previous = state
         return History(tuple(sorted(children)), tuple(revisions))
+
+    def _paths_of(self, version: str) -> dict[str, File | tuple[str, ...]]:
+        """Every path of a version: a file's entry, or a directory's names. Kept for
+        every version once made (versions never change; a few hundred bytes a
+        path), so a history lookup is one dictionary lookup per version."""
+        paths = self._paths.get(version)
+        if paths is None:
+            paths = self._paths[version] = {}
+            pending: list[tuple[str, Dir]] = [("", self.tree(version))]
+            while pending:
+                prefix, directory = pending.pop()
+                paths[prefix] = tuple(directory.children)
+                for name, entry in directory.children.items():
+                    below = f"{prefix}/{name}" if prefix else name
+                    if isinstance(entry, Dir):
+                        pending.append((below, entry))
+                    else:
+                        paths[below] = entry
+        return paths
 
     def _state(self, entry: File) -> Any:
         if entry.content is not None:  # a generated file (.attrs.json, .version.json)
