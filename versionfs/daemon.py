@@ -227,15 +227,23 @@ async def _autocommit(committer: Committer, idle_seconds: float) -> None:
                 failed_state = overlay.last_change  # retried once staging changes again
 
 
+POLL_SHARE = 10  # a poll waits at least this many times as long as the last listing took
+
+
 async def _watch_versions(namespace: Namespace, interval: float) -> None:
-    """Other writers' versions appear within ``interval`` seconds."""
+    """Other writers' versions appear within ``interval`` seconds, or, where one
+    listing takes long (a prefix of very many versions), within POLL_SHARE times
+    that: polling never takes more than a tenth of the daemon's time."""
+    wait = interval
     while True:
-        await trio.sleep(interval)
+        await trio.sleep(wait)
+        started = time.monotonic()
         try:
             if await namespace.reload():
                 namespace.notify_changed()
         except Exception as e:  # noqa: BLE001 - a store hiccup must not end the daemon
             log.warning("cannot list versions: %s", e)
+        wait = max(interval, POLL_SHARE * (time.monotonic() - started))
 
 
 async def _on_signals() -> None:

@@ -400,6 +400,7 @@ class Namespace:
         self.by_name: dict[str, VersionInfo] = {}
         self.index: selectors.VersionIndex[VersionInfo] = selectors.VersionIndex([], [])
         self._current: str | None = None
+        self._newest_mtime_ns = 0
         # Starts background tasks (prefetch) in the daemon's nursery, once serving.
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
@@ -421,6 +422,8 @@ class Namespace:
         current = self.backend.current()
         self.all_versions = versions
         self.by_name = {v.name: v for v in versions}
+        # Asked for by every getattr of the root, versions/ and history/: computed once.
+        self._newest_mtime_ns = max((v.mtime_ns for v in versions), default=0)
         # Selectors count real versions only: a placeholder (HDF5's empty
         # __first_version__) is listed in versions/ but is never @0 or an as-of answer.
         real = [v for v in versions if not v.placeholder]
@@ -440,7 +443,7 @@ class Namespace:
         return self.by_name.get(self._current) if self._current else None
 
     def newest_mtime_ns(self) -> int:
-        return max((v.mtime_ns for v in self.all_versions), default=0)
+        return self._newest_mtime_ns
 
     async def tree(self, name: str) -> Dir:
         tree = self._trees.get(name)
