@@ -16,7 +16,7 @@ from versioned_hdf5 import VersionedHDF5File
 
 import zoo
 from conftest import run_versionfs
-from helpers import make_versions
+from helpers import library_array, make_versions
 from versionfs.backends import hdf5_image
 from versionfs.backends.hdf5 import INTERNAL_ATTRS
 
@@ -278,3 +278,18 @@ def test_a_damaged_chunk_fails_only_its_reads(tmp_path, mount):
             img["z"][2 * 2**16 : 2 * 2**16 + 1]
     assert subprocess.run(["h5dump", "-d", "/z", str(m.path / "latest.h5")], capture_output=True).returncode != 0
     assert subprocess.run(["h5dump", "-H", str(m.path / "latest.h5")], capture_output=True).returncode == 0
+
+
+def test_xarray_and_pandas_read_it(zoo_file, zmnt):
+    import xarray as xr
+
+    image = zmnt.path / "versions/v2.h5"
+    with xr.open_dataset(image, engine="h5netcdf", phony_dims="sort") as top:
+        np.testing.assert_array_equal(top["cube"].values, library_array(zoo_file, "v2", "cube"))
+        assert top["cube"].attrs["scale"].tolist() == [1.5, 2.5]
+        np.testing.assert_array_equal(top["sparse"].values, library_array(zoo_file, "v2", "sparse"))
+    with xr.open_dataset(image, engine="h5netcdf", phony_dims="sort", group="floats") as floats:
+        assert floats.attrs["units"] == "m/s"
+        table = floats.to_dataframe()  # pandas
+        assert list(table.columns) == ["f2", "f4", "f8"] and len(table) == 777
+        np.testing.assert_array_equal(table["f8"].to_numpy(), library_array(zoo_file, "v2", "floats/f8"))
