@@ -26,6 +26,23 @@ def make_versions(path: Path, *steps: Callable[[h5py.Group], None], names=None, 
     return path
 
 
+def damaged_file(path: Path, chunk: int, damaged: int) -> Path:
+    """A version with ``z`` (4 gzip chunks of ``chunk`` float64) and ``ok``, whose
+    chunk number ``damaged`` of z has its stored bytes overwritten: the metadata
+    stays readable, that chunk's data does not."""
+    def step(g):
+        g.create_dataset("z", data=np.arange(chunk * 4, dtype="f8"), chunks=(chunk,), compression="gzip")
+        g.create_dataset("ok", data=np.arange(10))
+
+    make_versions(path, step)
+    with h5py.File(path, "r") as f:
+        info = f["_version_data/z/raw_data"].id.get_chunk_info(damaged)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + 10)
+        f.write(b"\xff" * (info.size - 20))
+    return path
+
+
 def version_dirs(versions: Path) -> list[str]:
     """``versions/`` as listed, without the ``<name>.h5`` images of HDF5 sources."""
     import os

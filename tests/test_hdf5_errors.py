@@ -6,11 +6,10 @@ import errno
 import os
 import subprocess
 
-import h5py
 import numpy as np
 import pytest
 
-from helpers import make_versions
+from helpers import damaged_file, make_versions
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +80,7 @@ def test_names_too_long_and_missing(ro):
 
 
 def test_a_failing_read_is_eio_logged_once_and_the_daemon_lives_on(tmp_path, mount):
-    def step(g):
-        g.create_dataset("z", data=np.arange(2**18 * 4, dtype="f8"), chunks=(2**18,), compression="gzip")
-        g.create_dataset("ok", data=np.arange(10))
-
-    path = make_versions(tmp_path / "damaged.h5", step)
-    # Damage the compressed bytes of one chunk: metadata stays readable, data does not.
-    with h5py.File(path, "r") as f:
-        info = f["_version_data/z/raw_data"].id.get_chunk_info(3)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + 10)
-        f.write(b"\xff" * (info.size - 20))
-
-    m = mount(path)
+    m = mount(damaged_file(tmp_path / "damaged.h5", chunk=2**18, damaged=3))
     for _ in range(3):
         assert _errno_of(lambda: (m.path / "latest/z.npy").read_bytes()) == errno.EIO
     assert np.load(m.path / "latest/ok.npy").tolist() == list(range(10))

@@ -16,7 +16,7 @@ from versioned_hdf5 import VersionedHDF5File
 
 import zoo
 from conftest import run_versionfs
-from helpers import library_array, make_versions
+from helpers import damaged_file, library_array, make_versions
 from versionfs.backends import hdf5_image
 from versionfs.backends.hdf5 import INTERNAL_ATTRS
 
@@ -258,17 +258,7 @@ def test_what_a_plain_file_cannot_hold_is_left_out_and_logged_once(tmp_path, mou
 
 
 def test_a_damaged_chunk_fails_only_its_reads(tmp_path, mount):
-    def step(g):
-        g.create_dataset("z", data=np.arange(2**16 * 4, dtype="f8"), chunks=(2**16,), compression="gzip")
-        g.create_dataset("ok", data=np.arange(10))
-
-    path = make_versions(tmp_path / "damaged.h5", step)
-    with h5py.File(path, "r") as f:
-        info = f["_version_data/z/raw_data"].id.get_chunk_info(2)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + 10)
-        f.write(b"\xff" * (info.size - 20))
-    m = mount(path)
+    m = mount(damaged_file(tmp_path / "damaged.h5", chunk=2**16, damaged=2))
     image = (m.path / "latest.h5").read_bytes()  # the stored bytes, damage included, are served as they are
     assert len(image) == os.stat(m.path / "latest.h5").st_size
     with h5py.File(m.path / "latest.h5", "r") as img:

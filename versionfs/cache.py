@@ -1,5 +1,6 @@
 """Caching immutable content: the kernel's small reads served from larger blocks
-(``BlockReader``), and content kept on local disk across mounts (``DiskCache``).
+(``BlockReader``), content kept on local disk across mounts (``DiskCache``), and
+the in-memory keep-the-most-recent map the rest use (``Lru``).
 
 The kernel asks for 128 KiB at a time. Each miss here fetches a whole window of
 blocks on the worker thread in one call, aligned to the file's layout (whole
@@ -16,7 +17,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 
 import trio
 
@@ -25,6 +26,39 @@ MIN_BLOCK = 1 << 20
 # per-call cost, small enough that buffers are recycled by malloc instead of
 # being mapped and faulted in afresh every time.
 MAX_WINDOW_BYTES = 8 << 20
+
+V = TypeVar("V")
+
+
+class Lru(Generic[V]):
+    """A map that keeps only its most recently used entries: at most ``limit`` of
+    them, or, with ``weight``, entries whose weights add up to at most ``limit``
+    (the newest one is always kept)."""
+
+    def __init__(self, limit: int, weight: Callable[[V], int] = lambda value: 1):
+        self.limit, self.weight = limit, weight
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._total = 0
+
+    def get(self, key: Hashable) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: V) -> V:
+        if key in self._items:
+            self._total -= self.weight(self._items.pop(key))
+        self._items[key] = value
+        self._total += self.weight(value)
+        while self._total > self.limit and len(self._items) > 1:
+            self._total -= self.weight(self._items.popitem(last=False)[1])
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._total = 0
+
 
 Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
 Spawn = Callable[..., Any]

@@ -13,14 +13,13 @@ import hashlib
 import logging
 import os
 import stat as stat_mod
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 from urllib.parse import quote
 
 from . import selectors
 from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, to_ns
-from .cache import BlockReader
+from .cache import BlockReader, Lru
 from .errors import FsError, enoent
 from .worker import Worker
 
@@ -393,7 +392,7 @@ class Namespace:
 
     def __init__(self, backend: Backend, worker: Worker):
         self.backend, self.worker = backend, worker
-        self._trees: OrderedDict[str, Dir] = OrderedDict()
+        self._trees: Lru[Dir] = Lru(TREE_CACHE_SIZE)
         self.root = Root(self)
         self.versions_dir = VersionsDir(self)
         self.all_versions: list[VersionInfo] = []
@@ -406,7 +405,7 @@ class Namespace:
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
         self.backend_image_ext: str | None = getattr(backend, "image_ext", None)
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
-        self._histories: OrderedDict[str, HistoryListing] = OrderedDict()
+        self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_SIZE)
         self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
 
     def space(self) -> os.statvfs_result | None:
@@ -448,12 +447,7 @@ class Namespace:
     async def tree(self, name: str) -> Dir:
         tree = self._trees.get(name)
         if tree is None:
-            tree = await self.worker.run(self.backend.tree, name)
-            self._trees[name] = tree
-            while len(self._trees) > TREE_CACHE_SIZE:
-                self._trees.popitem(last=False)
-        else:
-            self._trees.move_to_end(name)
+            tree = self._trees.put(name, await self.worker.run(self.backend.tree, name))
         return tree
 
     async def file_size(self, entry: File) -> int:
@@ -520,11 +514,7 @@ class Namespace:
             history = await self.worker.run(self.backend.history, path)
             if path and not history.children and not history.revisions:
                 raise enoent()
-            listing = self._histories[path] = history_listing(history)
-            while len(self._histories) > HISTORY_CACHE_SIZE:
-                self._histories.popitem(last=False)
-        else:
-            self._histories.move_to_end(path)
+            listing = self._histories.put(path, history_listing(history))
         return listing
 
 

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from .. import journal
+from ..cache import Lru
 from ..errors import SourceError
 from . import hdf5_image, npy
 from ..selectors import format_utc
@@ -186,11 +186,11 @@ class HDF5Backend:
         self.description = self.path
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
-        self._images: OrderedDict[str, hdf5_image.Image] = OrderedDict()
+        self._images: Lru[hdf5_image.Image] = Lru(IMAGE_CACHE_SIZE)
         self._paths: dict[str, dict[str, File | tuple[str, ...]]] = {}  # history/: see _paths_of
         self._states: dict[str, Any] = {}  # dataset path -> what history compares
         self._datasets: dict[str, h5py.Dataset] = {}
-        self._texts: OrderedDict[str, bytes] = OrderedDict()
+        self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._logged: set[str] = set()
         self._committed: dict[str, VersionInfo] = {}
         from . import hdf5_write  # noqa: F401 - loaded now, so that the first commit does not wait for it
@@ -398,11 +398,7 @@ class HDF5Backend:
             image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
             log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
                      version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
-            self._images[version] = image
-            while len(self._images) > IMAGE_CACHE_SIZE:
-                self._images.popitem(last=False)
-        else:
-            self._images.move_to_end(version)
+            self._images.put(version, image)
         return image
 
     def file_size(self, ref: Any) -> int:
@@ -481,12 +477,7 @@ class HDF5Backend:
         if data is None:
             values = self._dataset(ref.h5path)[()]
             values = [values] if np.ndim(values) == 0 else np.asarray(values, dtype=object).ravel()
-            data = npy.text_bytes(values)
-            self._texts[ref.h5path] = data
-            while sum(map(len, self._texts.values())) > TEXT_CACHE_BYTES and len(self._texts) > 1:
-                self._texts.popitem(last=False)
-        else:
-            self._texts.move_to_end(ref.h5path)
+            data = self._texts.put(ref.h5path, npy.text_bytes(values))
         return data
 
     def _close_file(self) -> None:
