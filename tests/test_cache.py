@@ -62,3 +62,21 @@ def test_concurrent_reads_share_fetches_and_ranges_are_exact():
     spans = sorted(calls)
     assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), spans
     assert len(calls) <= 6
+
+
+def test_lru_keeps_the_most_recently_used():
+    from versionfs.cache import Lru
+
+    by_count = Lru(2)
+    by_count.put("a", 1), by_count.put("b", 2)
+    assert by_count.get("a") == 1  # now b is the oldest
+    by_count.put("c", 3)
+    assert by_count.get("b") is None and by_count.get("a") == 1 and by_count.get("c") == 3
+    by_size = Lru(10, weight=len)
+    by_size.put("x", b"12345678"), by_size.put("y", b"1234")
+    assert by_size.get("x") is None and by_size.get("y") == b"1234"
+    by_size.put("huge", b"z" * 50)  # larger than the limit: still kept, alone
+    assert by_size.get("huge") and by_size.get("y") is None
+    by_size.put("huge", b"")  # replacing an entry recounts its weight
+    by_size.put("w", b"123456789")
+    assert by_size.get("huge") == b"" and by_size.get("w")
