@@ -258,3 +258,15 @@ def test_s3_history_lists_one_directory_at_a_time_and_caches_it(moto, tmp_path):
 @pytest.fixture
 def moto(moto_endpoint):
     return moto_endpoint
+
+
+def test_restoring_one_file_from_its_history_with_cp(tmp_path, mount):
+    from conftest import run_versionfs
+
+    path = make_versions(tmp_path / "r.h5", h1, h2, timestamps=TIMES[:2])
+    m = mount(path)
+    subprocess.run(["cp", str(m.path / "history/x.npy/@0"), str(m.path / "staging/x.npy")], check=True)
+    assert run_versionfs("status", str(m.path)).stdout.split() == ["M", "x.npy"]
+    assert run_versionfs("commit", str(m.path), "-n", "restored").stdout.strip() == "restored"
+    assert (m.path / "latest/x.npy").read_bytes() == npy_bytes(library_array(path, "v1", "x"))
+    assert entries(m.path / "history/x.npy")[-1].endswith("_restored")

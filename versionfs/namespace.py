@@ -251,7 +251,9 @@ class Root(Node):
         self.info: dict[str, bytes] = {}  # xattrs the daemon publishes (pid, source)
 
     async def attr(self) -> Attr:
-        return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=5)
+        # "." and "..", then versions/ and history/, and latest/ and staging/ where they exist
+        subdirs = 2 + (self.ns.current_info() is not None) + (self.ns.overlay is not None)
+        return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2 + subdirs)
 
     async def xattrs(self) -> dict[str, bytes]:
         return dict(self.info)
