@@ -154,6 +154,15 @@ def test_demo(tmp_path):
         assert diff.returncode == 1 and "rain_mm.npy" in diff.stdout and "sunshine_h.npy" in diff.stdout
         assert np.load(mnt / "@2024-03-02/daily/temperature.npy").shape == (60, 4)
         assert np.load(mnt / "latest/daily/temperature.npy")[3, 1] == -2.5
+        # What it says to try under "History" and "As HDF5" works.
+        assert "history/daily/temperature.npy/" in result.stdout and "latest.h5" in result.stdout
+        assert [n.split("_", 2)[2] for n in sorted(os.listdir(mnt / "history/daily/rain_mm.npy"))] == [
+            "2024-01", "2024-02", "2024-02-fix_deleted"]
+        assert len(os.listdir(mnt / "history/daily/temperature.npy")) == 3
+        assert subprocess.run(["h5ls", "-r", str(mnt / "latest.h5")], capture_output=True).returncode == 0
+        h5diff = subprocess.run(["h5diff", str(mnt / "versions/2024-02.h5"), str(mnt / "versions/2024-02-fix.h5")],
+                                capture_output=True)
+        assert h5diff.returncode == 1
         assert run_versionfs("umount", str(mnt)).returncode == 0
     finally:
         force_unmount(mnt, None)

@@ -70,6 +70,8 @@ Browse:   ls {mnt}/versions/ ; ls -R {mnt}/latest/ ; cat {mnt}/latest/.attrs.jso
           python3 -c "import numpy; print(numpy.load('{mnt}/latest/daily/temperature.npy')[:5])"
 Diff:     diff -r {mnt}/versions/2024-02 {mnt}/versions/2024-02-fix
 By time:  ls "{mnt}/@2024-03-02/daily"   (the version current on 2 March 2024)
+History:  ls -l {mnt}/history/daily/temperature.npy/ {mnt}/history/daily/rain_mm.npy/
+As HDF5:  h5ls -r {mnt}/latest.h5 ; h5diff {mnt}/versions/2024-02.h5 {mnt}/versions/2024-02-fix.h5
 Change:   cp {mnt}/latest/stations/names.txt /tmp/names.txt && echo Bern >> /tmp/names.txt
           cp /tmp/names.txt {mnt}/staging/stations/names.txt && {versionfs} status {mnt}
 Commit:   {versionfs} commit {mnt} -m "add Bern" && {versionfs} log {mnt}
