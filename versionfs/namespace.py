@@ -288,6 +288,7 @@ class Root(Node):
             out.append(("staging", await self.ns.overlay.node("")))
         return out
 
+
 class HistoryDir(Node):
     """``history/<path>/``: the names that ever existed below ``path`` (each a
     history directory again) and, if ``path`` was a file, one read-only file per
