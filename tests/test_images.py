@@ -283,3 +283,23 @@ def test_xarray_and_pandas_read_it(zoo_file, zmnt):
         table = floats.to_dataframe()  # pandas
         assert list(table.columns) == ["f2", "f4", "f8"] and len(table) == 777
         np.testing.assert_array_equal(table["f8"].to_numpy(), library_array(zoo_file, "v2", "floats/f8"))
+
+
+@pytest.mark.parametrize("source_start", [4, 2])  # chunk-aligned: chunks served from the source; not: data copied
+def test_mappings_of_several_chunks_or_off_the_chunk_grid(tmp_path, source_start):
+    path = tmp_path / "hand.h5"
+    with h5py.File(path, "w") as f:
+        raw = f.create_dataset("_version_data/x/raw_data", data=np.arange(16, dtype="i8"), chunks=(4,), maxshape=(None,))
+        layout = h5py.VirtualLayout(shape=(8,), dtype="i8")
+        layout[0:8] = h5py.VirtualSource(".", raw.name, shape=(16,))[source_start : source_start + 8]
+        f.create_group("_version_data/versions/v1").create_virtual_dataset("x", layout, fillvalue=-1)
+    with h5py.File(path, "r") as f:
+        image = hdf5_image.build(f, "_version_data/versions/v1", INTERNAL_ATTRS)
+    assert len(image.regions) == (2 if source_start % 4 == 0 else 0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (tmp_path / "image.h5").write_bytes(image.read(fd, 0, image.size))
+    finally:
+        os.close(fd)
+    with h5py.File(tmp_path / "image.h5", "r") as img:
+        assert img["x"][()].tolist() == list(range(source_start, source_start + 8)) and img["x"].chunks == (4,)

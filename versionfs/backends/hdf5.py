@@ -26,7 +26,7 @@ from ..errors import SourceError
 from . import hdf5_image, npy
 from ..selectors import format_utc
 from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
-                   safe_name, version_json)
+                   safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,8 @@ class HDF5Backend:
 
     def image(self, version: str) -> File:
         """``X.h5``: the version as one plain HDF5 file (its size is known once built)."""
-        mtime = parse_timestamp(self.f[VERSIONS_GROUP][version].attrs["timestamp"])
-        return File(size=None, mtime_ns=VersionInfo(version, mtime, None).mtime_ns, ref=ImageRef(version))
+        timestamp = parse_timestamp(self.f[VERSIONS_GROUP][version].attrs["timestamp"])
+        return File(size=None, mtime_ns=to_ns(timestamp), ref=ImageRef(version))
 
     def _image(self, version: str) -> hdf5_image.Image:
         image = self._images.get(version)

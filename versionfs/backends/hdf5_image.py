@@ -64,11 +64,7 @@ class Image:
         if offset >= end:
             return b""
         out = bytearray(end - offset)
-        for index in range(offset // PAGE, (end - 1) // PAGE + 1):
-            page = self.pages.get(index)
-            if page is not None:
-                lo, hi = max(offset, index * PAGE), min(end, (index + 1) * PAGE)
-                out[lo - offset : hi - offset] = page[lo - index * PAGE : hi - index * PAGE]
+        _copy_pages(self.pages, out, offset)
         view = memoryview(out)
         i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
         while i < len(self.regions) and self.regions[i].offset < end:
@@ -81,6 +77,17 @@ class Image:
                     raise OSError(f"source file is shorter than a chunk it lists (at {region.source})")
             i += 1
         return bytes(out)
+
+
+def _copy_pages(pages: dict[int, bytearray], out: bytearray | memoryview, offset: int) -> None:
+    """Copy what the pages hold of bytes [offset, offset+len(out)) into ``out``
+    (bytes no page holds are left as they are: zeros in a fresh buffer)."""
+    end = offset + len(out)
+    for index in range(offset // PAGE, (end - 1) // PAGE + 1):
+        page = pages.get(index)
+        if page is not None:
+            lo, hi = max(offset, index * PAGE), min(end, (index + 1) * PAGE)
+            out[lo - offset : hi - offset] = page[lo - index * PAGE : hi - index * PAGE]
 
 
 class _Recorder:
@@ -136,8 +143,9 @@ class _Recorder:
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self.size - self.pos))
-        view[:n] = Image(self.size, self.pages, []).read(-1, self.pos, n) if n else b""
-        view[n:] = bytes(len(view) - n)
+        view[:] = bytes(len(view))
+        if n:
+            _copy_pages(self.pages, view[:n], self.pos)
         self.pos += n
         return n
 
@@ -263,26 +271,32 @@ class _Builder:
         when every chunk of ``ds`` is exactly one raw chunk; else None."""
         if not ds.is_virtual or ds.ndim == 0 or ds.dtype.hasobject:
             return None
-        sources = ds.virtual_sources()
-        names = {m.dset_name for m in sources}
-        if any(m.file_name != "." for m in sources) or len(names) > 1:
+        # The dataset's creation properties hold the mapping; reading them directly
+        # skips h5py's per-mapping objects (this runs once per chunk).
+        plist = ds.id.get_create_plist()
+        count = plist.get_virtual_count()
+        names = {plist.get_virtual_dsetname(i) for i in range(count)}
+        if any(plist.get_virtual_filename(i) != "." for i in range(count)) or len(names) > 1:
             return None
         raw_name = names.pop() if names else None
         raw = self.source[raw_name] if raw_name else self._raw_of(ds)
         if raw is None or raw.chunks is None or raw.dtype != ds.dtype or len(raw.chunks) != ds.ndim:
             return None
-        chunks = raw.chunks
+        chunks, shape = raw.chunks, ds.shape
         index = self._chunks_of(raw)
         plan, seen = [], set()
-        for m in sources:
-            (v0, v1), (s0, _) = m.vspace.get_select_bounds(), m.src_space.get_select_bounds()
+        for i in range(count):
+            (v0, v1), (s0, _) = plist.get_virtual_vspace(i).get_select_bounds(), plist.get_virtual_srcspace(i).get_select_bounds()
             if any(a % c or b % c for a, b, c in zip(v0, s0, chunks)):
                 return None
-            for start in np.ndindex(*[-(-(hi - lo + 1) // c) for lo, hi, c in zip(v0, v1, chunks)]):
-                chunk = tuple(lo + i * c for lo, i, c in zip(v0, start, chunks))
+            spans = [-(-(hi - lo + 1) // c) for lo, hi, c in zip(v0, v1, chunks)]
+            # versioned-hdf5 maps one chunk at a time: skip the grid walk then.
+            starts = [v0] if all(n == 1 for n in spans) else [
+                tuple(lo + i * c for lo, i, c in zip(v0, start, chunks)) for start in np.ndindex(*spans)]
+            for chunk in starts:
                 # The mapped box must be the whole in-bounds part of the chunk.
                 stop = tuple(min(c0 + c, hi + 1) for c0, c, hi in zip(chunk, chunks, v1))
-                if stop != tuple(min(c0 + c, n) for c0, c, n in zip(chunk, chunks, ds.shape)) or chunk in seen:
+                if stop != tuple(min(c0 + c, n) for c0, c, n in zip(chunk, chunks, shape)) or chunk in seen:
                     return None
                 seen.add(chunk)
                 info = index.get(tuple(s + c0 - v for s, c0, v in zip(s0, chunk, v0)))
