@@ -253,6 +253,38 @@ def test_list_versions_xml_interleaves_delete_markers(s3):
     assert next(e for e in entries if e.version_id == ids["dm"]).etag is None
 
 
+@pytest.mark.parametrize(
+    "s3", servers(ministack="with Delimiter and MaxKeys, pages hold only common prefixes (keys are lost) and repeat one"),
+    indirect=True,
+)
+def test_list_versions_pagination_with_delimiter(s3):
+    """One directory's listing (Delimiter "/"), page by page, holds every key's
+    versions and every common prefix exactly once, as one page does."""
+    bucket = make_versioned_bucket(s3)
+    for k in range(3):
+        s3.put_object(Bucket=bucket, Key=f"dir/k{k}", Body=b"1")
+        s3.put_object(Bucket=bucket, Key=f"dir/sub{k}/x", Body=b"1")
+    s3.put_object(Bucket=bucket, Key="dir/k1", Body=b"again")
+
+    def listing(**extra) -> tuple[list[tuple[str, str]], list[str]]:
+        kwargs = {"Bucket": bucket, "Prefix": "dir/", "Delimiter": "/", **extra}
+        versions, prefixes = [], []
+        while True:
+            page = s3.list_object_versions(**kwargs)
+            versions += [(v["Key"], v["VersionId"]) for v in page.get("Versions", [])]
+            prefixes += [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return sorted(versions), prefixes
+            kwargs["KeyMarker"] = page["NextKeyMarker"]
+            kwargs.pop("VersionIdMarker", None)
+            if page.get("NextVersionIdMarker"):
+                kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
+
+    whole = listing()
+    assert len(whole[0]) == 4 and whole[1] == ["dir/sub0/", "dir/sub1/", "dir/sub2/"]
+    assert listing(MaxKeys=2) == whole
+
+
 @pytest.mark.parametrize("s3", servers(), indirect=True)
 @pytest.mark.parametrize("page_size", [1, 2, 3])
 def test_list_versions_pagination_inside_one_key(s3, page_size):

@@ -13,9 +13,9 @@ import hashlib
 import logging
 import os
 import stat as stat_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from . import selectors
 from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, to_ns
@@ -226,7 +226,7 @@ class VersionsDir(Node):
         if info is not None:
             return await self.ns.version_root("versions", info)
         info = self.ns.by_name.get(self.ns.image_base(name) or "")
-        if info is None:
+        if info is None or self.ns.image_name(info) is None:
             raise enoent()
         return await self.ns.image(info)
 
@@ -235,8 +235,7 @@ class VersionsDir(Node):
         ext = self.ns.backend_image_ext
         for v in self.ns.all_versions:
             out.append((v.name, await self.ns.version_root("versions", v)))
-            # A version literally named "<other>.h5" keeps its name; the other's image is not listed.
-            if ext and v.name + ext not in self.ns.by_name:
+            if ext and self.ns.image_name(v) is not None:
                 out.append((v.name + ext, await self.ns.image(v)))
         return out
 
@@ -269,9 +268,12 @@ class Root(Node):
         if image_base == "latest":
             return await self.ns.latest_image()
         if name.startswith("@"):
-            if image_base is not None and selectors.parse(image_base[1:]) is not None:
-                return await self.ns.select(image_base, image=True)
-            return await self.ns.select(name)
+            try:
+                return await self.ns.select(name)  # a version's tree (also @id:<name ending in .h5>)
+            except FsError:
+                if image_base is None:
+                    raise
+            return await self.ns.select(image_base, image=True)
         if name == "staging" and self.ns.overlay is not None:
             return await self.ns.overlay.node("")
         raise enoent()
@@ -311,49 +313,35 @@ class HistoryDir(Node):
 
     async def lookup(self, name: str) -> Node:
         listing = await self.ns.history(self.path)
-        if name.startswith("@"):
-            selector = selectors.parse(name[1:])
-            chosen = listing.index.resolve(selector) if selector is not None else None
-            if chosen is None:
-                raise enoent()
-            ttl = SHORT_TTL if selector.is_relative() else IMMUTABLE_TTL
-            return HistoryLink(("history-link", self.path, name), chosen, ttl)
-        revision = listing.entries.get(name)
-        if revision is not None:
-            return HistoryFile(self.ns, self.path, name, revision)
+        # Real names first: a file or directory named "@…" stays reachable.
+        entry = listing.entries.get(name)
+        if entry is not None:
+            return TreeFile(self.ns, ("history-file", self.path, name), entry[1])
         if name in listing.history.children:
             return HistoryDir(self.ns, self._below(name))
-        raise enoent()
+        selector = selectors.parse(name[1:]) if name.startswith("@") else None
+        chosen = listing.index.resolve(selector) if selector is not None else None
+        if chosen is None and isinstance(selector, selectors.ById):
+            chosen = listing.index.resolve(selectors.ById(unquote(selector.id)))  # the id as entry names show it
+        if chosen is None:
+            raise enoent()
+        ttl = SHORT_TTL if selector.is_relative() else IMMUTABLE_TTL
+        return HistoryLink(("history-link", self.path, name), chosen, ttl)
 
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
         out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, self._below(n))) for n in listing.history.children]
-        out += [(n, HistoryFile(self.ns, self.path, n, r)) for n, r in listing.entries.items() if n not in listing.history.children]
+        out += [(n, TreeFile(self.ns, ("history-file", self.path, n), entry))
+                for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
         return out
-
-
-class HistoryFile(_ReadOnlyFile):
-    """One revision of a file: its content then, mtime = that version's time.
-    A deletion is an empty file."""
-
-    def __init__(self, ns: "Namespace", path: str, name: str, revision: Revision):
-        self.ns, self.revision = ns, revision
-        self.entry = revision.file if revision.file is not None else File(size=0, mtime_ns=0, content=b"")
-        self.key = ("history-file", path, name)
-
-    async def attr(self) -> Attr:
-        return Attr(False, await self.ns.file_size(self.entry), to_ns(self.revision.timestamp), 0o444)
-
-    async def _open(self) -> Handle:
-        return await self.ns.open_file(self.entry)
 
 
 class HistoryLink(Node):
     """``@<selector>`` in a history directory: a symlink to the entry it selects."""
 
-    def __init__(self, key: Hashable, target: tuple[str, Revision], ttl: float):
+    def __init__(self, key: Hashable, target: tuple[str, tuple[Revision, File]], ttl: float):
         self.key, self.ttl = key, ttl
-        self.target, self.revision = target
+        self.target, (self.revision, _) = target
 
     async def attr(self) -> Attr:
         return Attr(False, len(os.fsencode(self.target)), to_ns(self.revision.timestamp), 0o777, is_link=True)
@@ -364,18 +352,19 @@ class HistoryLink(Node):
 
 @dataclass(frozen=True)
 class HistoryListing:
-    """A ``History`` with its entry names and selector index (made in one place)."""
+    """A ``History`` with its entries' names and files, and its selector index
+    (made in one place)."""
 
     history: History
-    entries: dict[str, Revision]
-    index: selectors.VersionIndex[tuple[str, Revision]]
+    entries: dict[str, tuple[Revision, File]]  # name -> (revision, the file shown; mtime = its time)
+    index: selectors.VersionIndex[tuple[str, tuple[Revision, File]]]
 
 
 def history_listing(history: History) -> HistoryListing:
     """Entry names ``NNNN_<time>_<id>`` (``…_deleted`` for a deletion); the id is
     percent-encoded so that any VersionId is one safe name (README: history/)."""
     width = max(4, len(str(len(history.revisions) - 1)))
-    entries: dict[str, Revision] = {}
+    entries: dict[str, tuple[Revision, File]] = {}
     for position, revision in enumerate(history.revisions):
         id_text = quote(revision.version_id, safe="-._~")
         suffix = "_deleted" if revision.file is None else ""
@@ -383,9 +372,11 @@ def history_listing(history: History) -> HistoryListing:
         if len(name.encode()) > NAME_MAX:  # a very long id: its hash stands in
             digest = hashlib.sha1(revision.version_id.encode()).hexdigest()[:16]
             name = f"{position:0{width}d}_{revision.time_label}_~{digest}{suffix}"
-        entries[name] = revision
+        mtime = to_ns(revision.timestamp)
+        shown = File(size=0, mtime_ns=mtime, content=b"") if revision.file is None else replace(revision.file, mtime_ns=mtime)
+        entries[name] = (revision, shown)
     items = list(entries.items())
-    index = selectors.VersionIndex(items, [r.timestamp for _, r in items], [r.version_id for _, r in items])
+    index = selectors.VersionIndex(items, [r.timestamp for _, (r, _) in items], [r.version_id for _, (r, _) in items])
     return HistoryListing(history, entries, index)
 
 
@@ -408,6 +399,7 @@ class Namespace:
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
         self.backend_image_ext: str | None = getattr(backend, "image_ext", None)
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
+        self._unshown_images: set[str] = set()
         self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_SIZE)
         self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
 
@@ -432,13 +424,19 @@ class Namespace:
         self.index = selectors.VersionIndex(real, [v.timestamp for v in real], [v.name for v in real])
         self._current = current if current in self.by_name else (versions[-1].name if versions else None)
 
+    def _state(self) -> tuple[Any, ...]:
+        # A backend whose versions can gain content under the same name (S3 on a
+        # store with whole-second times) says so with a signature of its listing.
+        return ([v.name for v in self.all_versions], self._current, getattr(self.backend, "signature", None))
+
     async def reload(self) -> bool:
         """Read the version list again; True if it changed."""
-        before = ([v.name for v in self.all_versions], self._current)
+        before = self._state()
         await self.worker.run(self.load)
-        changed = ([v.name for v in self.all_versions], self._current) != before
+        changed = self._state() != before
         if changed:
             self._histories.clear()
+            self._trees.clear()
         return changed
 
     def current_info(self) -> VersionInfo | None:
@@ -495,6 +493,20 @@ class Namespace:
         ext = self.backend_image_ext
         if ext and name.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
+        return None
+
+    def image_name(self, info: VersionInfo) -> str | None:
+        """``<name>.h5`` in versions/, or None where that name cannot be shown: it
+        is another version's own name (the directory wins), or over 255 bytes.
+        Either is logged once; the image stays reachable by position or time
+        (``@<n>.h5``)."""
+        name = info.name + (self.backend_image_ext or "")
+        why = "is another version's name" if name in self.by_name else "is too long" if len(name.encode()) > NAME_MAX else None
+        if why is None:
+            return name
+        if name not in self._unshown_images:
+            self._unshown_images.add(name)
+            log.warning("versions/%s is not shown: the name %s (reach the image by position or time: @<n>.h5)", name, why)
         return None
 
     async def image(self, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeFile:

@@ -422,11 +422,7 @@ class HDF5Backend:
         """Shape, dtype, fill value and the chunk mapping: equal exactly when two
         versions of a dataset hold the same data (chunks are content-addressed)."""
         ds = self._dataset(ref.h5path)
-        mapping = [
-            (m.vspace.get_select_bounds(), m.dset_name, m.src_space.get_select_bounds())
-            for m in (ds.virtual_sources() if ds.is_virtual else [])
-        ]
-        return (ds.shape, ds.dtype.str, repr(ds.fillvalue), mapping)
+        return (ds.shape, ds.dtype.str, repr(ds.fillvalue), hdf5_image.virtual_mapping(ds))
 
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:

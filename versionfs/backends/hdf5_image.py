@@ -211,14 +211,27 @@ class _Builder:
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
                 self._copy_group(obj, child, recorder, placeholder, plans)
             elif isinstance(obj, h5py.Dataset):
-                try:
-                    self._copy_dataset(obj, dst, name, recorder, placeholder, plans.get(obj.name))
-                except Exception as e:  # noqa: BLE001 - one odd dataset must not cost the whole image
-                    if name in dst:
-                        del dst[name]
-                    self._skip(obj.name, f"cannot be copied: {type(e).__name__}: {e}")
+                self._copy_or_skip(obj, dst, name, recorder, placeholder, plans.get(obj.name))
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")
+
+    def _copy_or_skip(self, src: h5py.Dataset, dst: h5py.Group, name: str, recorder: _Recorder,
+                      placeholder: np.ndarray, plan: Any) -> None:
+        """Copy a dataset by its chunks' places, else with its data, else leave it
+        out: one odd dataset must not cost the whole image."""
+        for attempt in ([plan, None] if plan is not None else [None]):
+            regions = len(recorder.regions)
+            try:
+                self._copy_dataset(src, dst, name, recorder, placeholder, attempt)
+                return
+            except Exception as e:  # noqa: BLE001
+                # Undo it all: the link, and the chunk places it recorded (their
+                # space may be reused by later metadata).
+                del recorder.regions[regions:]
+                if name in dst:
+                    del dst[name]
+                error = f"{type(e).__name__}: {e}"
+        self._skip(src.name, f"cannot be copied: {error}")
 
     def _copy_dataset(self, src: h5py.Dataset, dst: h5py.Group, name: str, recorder: _Recorder,
                       placeholder: np.ndarray, plan: Any) -> None:
@@ -271,12 +284,9 @@ class _Builder:
         when every chunk of ``ds`` is exactly one raw chunk; else None."""
         if not ds.is_virtual or ds.ndim == 0 or ds.dtype.hasobject:
             return None
-        # The dataset's creation properties hold the mapping; reading them directly
-        # skips h5py's per-mapping objects (this runs once per chunk).
-        plist = ds.id.get_create_plist()
-        count = plist.get_virtual_count()
-        names = {plist.get_virtual_dsetname(i) for i in range(count)}
-        if any(plist.get_virtual_filename(i) != "." for i in range(count)) or len(names) > 1:
+        mapping = virtual_mapping(ds)
+        names = {name for _, name, _, _ in mapping}
+        if any(file != "." for file, _, _, _ in mapping) or len(names) > 1:
             return None
         raw_name = names.pop() if names else None
         raw = self.source[raw_name] if raw_name else self._raw_of(ds)
@@ -285,8 +295,7 @@ class _Builder:
         chunks, shape = raw.chunks, ds.shape
         index = self._chunks_of(raw)
         plan, seen = [], set()
-        for i in range(count):
-            (v0, v1), (s0, _) = plist.get_virtual_vspace(i).get_select_bounds(), plist.get_virtual_srcspace(i).get_select_bounds()
+        for _, _, (v0, v1), (s0, _) in mapping:
             if any(a % c or b % c for a, b, c in zip(v0, s0, chunks)):
                 return None
             spans = [-(-(hi - lo + 1) // c) for lo, hi, c in zip(v0, v1, chunks)]
@@ -323,7 +332,7 @@ class _Builder:
         fill), versioned-hdf5's ``/_version_data/<path>/raw_data``."""
         if not ds.is_virtual:
             return None
-        names = {m.dset_name for m in ds.virtual_sources() if m.file_name == "."}
+        names = {name for file, name, _, _ in virtual_mapping(ds) if file == "."}
         if len(names) > 1:
             return None
         relative = ds.name[len(self.group_path) + 1 :]
@@ -335,6 +344,21 @@ class _Builder:
         if what not in _LOGGED:  # once per daemon, however often the image is rebuilt
             _LOGGED.add(what)
             log.warning("%s is left out of the plain .h5 image: %s", what, why)
+
+
+def virtual_mapping(ds: h5py.Dataset) -> list[tuple[str, str, Any, Any]]:
+    """(source file, source dataset, bounds in ``ds``, bounds in the source) of each
+    mapping of a virtual dataset; [] for any other. Read straight from the creation
+    properties: h5py's ``virtual_sources()`` makes objects per mapping, and there is
+    one mapping per chunk."""
+    if not ds.is_virtual:
+        return []
+    plist = ds.id.get_create_plist()
+    return [
+        (plist.get_virtual_filename(i), plist.get_virtual_dsetname(i),
+         plist.get_virtual_vspace(i).get_select_bounds(), plist.get_virtual_srcspace(i).get_select_bounds())
+        for i in range(plist.get_virtual_count())
+    ]
 
 
 def _datasets(group: h5py.Group) -> list[tuple[str, h5py.Dataset]]:

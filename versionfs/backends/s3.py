@@ -104,6 +104,7 @@ class S3Backend:
     names_versions = False  # a version is the instant of its writes
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
+    list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
 
     def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
         import boto3
@@ -133,6 +134,7 @@ class S3Backend:
         self._instants: list[dt.datetime] = []
         self._digits = 0
         self._dirs: dict[str, tuple[float, DirListing]] = {}  # history/: one listing per directory
+        self.signature: int | None = None  # of the last listing: tells the namespace what changed
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self) -> None:
@@ -171,7 +173,7 @@ class S3Backend:
         self._listing_order = []
         found: dict[tuple[str, str], ObjectVersion] = {}
         subdirs: list[str] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
@@ -188,9 +190,12 @@ class S3Backend:
             subdirs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
             if not page.get("IsTruncated"):
                 break
-            # Both markers: one key's versions may span pages.
+            # Both markers: one key's versions may span pages. A page that ends on a
+            # common prefix has a key marker only.
             kwargs["KeyMarker"] = page["NextKeyMarker"]
-            kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
+            kwargs.pop("VersionIdMarker", None)
+            if page.get("NextVersionIdMarker"):
+                kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
         ordered = [found.pop(kv) for page in self._listing_order for kv in page if kv in found]
         return ordered + list(found.values()), subdirs  # anything the XML did not show, last
 
@@ -208,8 +213,12 @@ class S3Backend:
     def versions(self) -> list[VersionInfo]:
         by_key = self._by_key_newest_first(self._list(self.prefix)[0])
         instants = sorted({v.modified for versions in by_key.values() for v in versions})
-        if instants != self._instants:
+        # Changes even when no new instant appears (a second write within the same
+        # second on a store with whole-second times).
+        signature = hash(tuple(sorted((v.key, v.version_id) for versions in by_key.values() for v in versions)))
+        if signature != self.signature:
             self._dirs.clear()  # history/ lists again
+        self.signature = signature
         self._by_key = by_key
         self._instants = instants
         self._digits = fraction_digits(self._instants)
@@ -268,16 +277,24 @@ class S3Backend:
 
     # -- history ------------------------------------------------------------------------
     def history(self, path: str) -> History:
-        """From one listing per directory (Delimiter "/"), kept until the versions
-        change or for POLL seconds: the names ever below ``path`` and every
-        version and delete marker of the key at ``path``, oldest first."""
-        listing = self._dir_listing(path)
-        children = set(listing.subdirs)
-        children.update(name for name in listing.keys if self._valid(path, name))
+        """From one listing per directory (Delimiter "/"), kept until a poll sees
+        any change (or for ``poll_interval`` seconds): the names ever below
+        ``path`` and every version and delete marker of the key at ``path``,
+        oldest first. A key's own history needs only its directory's listing."""
+        children: set[str] = set()
         revisions: tuple[Revision, ...] = ()
+        versions: list[ObjectVersion] = []
+        is_dir = not path
         if path:
             parent, _, name = path.rpartition("/")
-            versions = self._dir_listing(parent).keys.get(name, [])
+            siblings = self._dir_listing(parent)
+            versions = siblings.keys.get(name, [])
+            is_dir = name in siblings.subdirs  # a key only: no listing of "<key>/" needed
+        if is_dir:
+            listing = self._dir_listing(path)
+            children.update(listing.subdirs)
+            children.update(name for name in listing.keys if self._valid(path, name))
+        if versions:
             digits = max(self._digits, fraction_digits([v.modified for v in versions]))
             revisions = tuple(
                 Revision(v.version_id, v.modified, version_name(v.modified, digits), None if v.deleted else _file(v))
@@ -300,7 +317,7 @@ class S3Backend:
         listing, subdirs = self._list(prefix, "/")
         keys = {key[len(prefix):]: versions for key, versions in self._by_key_newest_first(listing).items()}
         names = [p[len(prefix):].rstrip("/") for p in subdirs]
-        result = DirListing(keys, tuple(n for n in names if path_parts(n) is not None and "/" not in n))
+        result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n))
         self._dirs[directory] = (time.monotonic(), result)
         return result
 
@@ -540,7 +557,7 @@ class S3Backend:
 @dataclass(frozen=True)
 class DirListing:
     keys: dict[str, list[ObjectVersion]]  # name directly below -> its versions, newest first
-    subdirs: tuple[str, ...]  # names of the "subdirectories" (common prefixes)
+    subdirs: frozenset[str]  # names of the "subdirectories" (common prefixes)
 
 
 def _file(version: ObjectVersion) -> File:
