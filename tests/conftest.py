@@ -7,10 +7,13 @@ is killed by pid if it is still there.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +27,9 @@ from versionfs.daemon import process_alive as alive
 # metadata service; S3 tests talk to servers on 127.0.0.1 only.
 for _var in [v for v in os.environ if v.startswith("AWS_")]:
     del os.environ[_var]
+# Mounts made without --cache-dir cache under a throw-away directory, never ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="versionfs-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-key", AWS_DEFAULT_REGION="us-east-1",
     AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
@@ -85,6 +91,8 @@ class Mounter:
         base = self.tmp.mktemp("mnt")
         mnt, state = base / "mnt", base / "state"
         mnt.mkdir()
+        if "--cache-dir" not in extra:  # each mount builds and fetches afresh unless a test shares a cache
+            extra = (*extra, "--cache-dir", str(base / "cache"))
         result = run_versionfs("mount", str(source), str(mnt), "--state-dir", str(state), *extra)
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt)

@@ -325,3 +325,39 @@ def test_image_names_that_collide_or_are_too_long(tmp_path, mount):
     os.listdir(m.path / "versions")
     log = m.log
     assert log.count("versions/x.h5 is not shown") == 1 and log.count(f"versions/{long_name}.h5 is not shown") == 1
+
+
+def test_built_images_are_kept_across_mounts(packed_file, tmp_path, mount):
+    cache = tmp_path / "cache"
+    first = mount(packed_file, "--cache-dir", str(cache))
+    data = (first.path / "versions/v1.h5").read_bytes()
+    assert "built the .h5 image of version v1" in first.log
+    second = mount(packed_file, "--cache-dir", str(cache))  # another daemon, the same cache
+    assert (second.path / "versions/v1.h5").read_bytes() == data
+    assert "built the .h5 image" not in second.log
+
+
+def test_a_cached_image_is_only_used_for_the_same_file(tmp_path):
+    from versionfs.backends.hdf5 import HDF5Backend
+    from versionfs.cache import DiskCache
+
+    path = make_versions(tmp_path / "c.h5", packed)
+    cache = DiskCache(str(tmp_path / "cache"), 1 << 30)
+
+    def image_bytes() -> tuple[bytes, bool]:
+        backend = HDF5Backend(str(path), cache)
+        try:
+            built = backend._stored_image("v1") is None
+            ref = backend.image("v1").ref
+            return bytes(backend.read(ref, 0, backend.file_size(ref))), built
+        finally:
+            backend.close()
+
+    data, built = image_bytes()
+    assert built and image_bytes() == (data, False)  # kept
+    os.utime(path, ns=(1, 1))  # the file changed (here only its mtime): never trust the old offsets
+    assert image_bytes() == (data, True)
+    for name in os.listdir(tmp_path / "cache"):  # a damaged cache entry is built again
+        with open(tmp_path / "cache" / name, "r+b") as f:
+            f.truncate(100)
+    assert image_bytes() == (data, True)

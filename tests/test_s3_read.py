@@ -191,12 +191,12 @@ def test_versions_read_once_are_served_from_the_disk_cache(mount, tmp_path):
 def test_the_disk_cache_keeps_to_its_bound(tmp_path):
     from versionfs.cache import DiskCache
 
-    cache = DiskCache(str(tmp_path / "c"), max_bytes=3_000, block=1_000)
+    cache = DiskCache(str(tmp_path / "c"), max_bytes=3_000)
     for i in range(10):
         cache.put("obj", i, bytes([i]) * 1_000)
     assert cache.get("obj", 9) == bytes([9]) * 1_000 and cache.get("obj", 0) is None
     assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 3_000
-    again = DiskCache(str(tmp_path / "c"), max_bytes=3_000, block=1_000)  # a new mount finds them
+    again = DiskCache(str(tmp_path / "c"), max_bytes=3_000)  # a new mount finds them
     assert again.get("obj", 9) == bytes([9]) * 1_000
 
 

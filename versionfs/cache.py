@@ -168,13 +168,14 @@ class BlockReader:
 
 
 class DiskCache:
-    """Immutable content kept on local disk across mounts: one file per block of
-    ``block`` bytes, keyed by an identity that names one content for ever (S3: the
-    bucket, key, VersionId and ETag). Least recently used blocks go first once
+    """Immutable content kept on local disk across mounts: one file per block,
+    keyed by an identity that names one content for ever and the block's index
+    (S3: the bucket, key, VersionId and ETag; HDF5: a version's image, see
+    ``HDF5Backend._image_identity``). Least recently used blocks go first once
     the total passes ``max_bytes``. Blocking: used from the worker thread."""
 
-    def __init__(self, directory: str, max_bytes: int, block: int):
-        self.directory, self.max_bytes, self.block = directory, max_bytes, block
+    def __init__(self, directory: str, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
         self._lock = threading.Lock()  # several GETs finish at once
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._sizes: OrderedDict[str, int] = OrderedDict()

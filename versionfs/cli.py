@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
     m.add_argument("--autocommit", type=float, metavar="SECONDS", help="commit staging once it has been idle this long")
     m.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    m.add_argument("--cache-dir", help="S3: where object versions are cached (default: $XDG_CACHE_HOME/versionfs)")
+    m.add_argument("--cache-dir", help="where S3 object versions and built .h5 images are kept (default: $XDG_CACHE_HOME/versionfs)")
     m.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="S3: the cache's bound, e.g. 512M or 20G (default 4G)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 

@@ -60,19 +60,21 @@ class MountOptions:
 
 def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> Backend:
-    """The backend for a source; with ``cache_dir``, remote content is cached there."""
-    if source.startswith("s3://"):
-        from .backends.s3 import RANGE_PART, S3Backend
-        from .cache import DiskCache
+    """The backend for a source; with ``cache_dir``, what it builds or fetches is
+    cached there (S3: object content; HDF5: the .h5 images' metadata)."""
+    from .cache import DiskCache
 
-        cache = None
-        if cache_dir is not None:
-            name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
-            cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes, RANGE_PART)
+    cache = None
+    if cache_dir is not None:
+        name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
+        cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes)
+    if source.startswith("s3://"):
+        from .backends.s3 import S3Backend
+
         return S3Backend(source, endpoint_url, cache)
     from .backends.hdf5 import HDF5Backend
 
-    return HDF5Backend(source)
+    return HDF5Backend(source, cache)
 
 
 def is_mountpoint(path: str) -> bool:

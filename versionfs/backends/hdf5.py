@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from .. import journal
-from ..cache import Lru
+from ..cache import DiskCache, Lru
 from ..errors import SourceError
 from . import hdf5_image, npy
 from ..selectors import format_utc
@@ -181,12 +181,13 @@ class HDF5Backend:
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache: DiskCache | None = None):
         self.path = os.path.abspath(path)
         self.description = self.path
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
         self._images: Lru[hdf5_image.Image] = Lru(IMAGE_CACHE_SIZE)
+        self.cache = cache  # built images, kept across mounts
         self._paths: dict[str, dict[str, File | tuple[str, ...]]] = {}  # history/: see _paths_of
         self._states: dict[str, Any] = {}  # dataset path -> what history compares
         self._datasets: dict[str, h5py.Dataset] = {}
@@ -394,12 +395,37 @@ class HDF5Backend:
     def _image(self, version: str) -> hdf5_image.Image:
         image = self._images.get(version)
         if image is None:
-            started = time.monotonic()
-            image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
-            log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
-                     version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
-            self._images.put(version, image)
+            image = self._images.put(version, self._stored_image(version) or self._build_image(version))
         return image
+
+    def _build_image(self, version: str) -> hdf5_image.Image:
+        started = time.monotonic()
+        image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
+        log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
+                 version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
+        if self.cache is not None:
+            self.cache.put(self._image_identity(version), 0, image.to_bytes())
+        return image
+
+    def _stored_image(self, version: str) -> hdf5_image.Image | None:
+        """The image from the disk cache, if this very file had it built before."""
+        if self.cache is None:
+            return None
+        data = self.cache.get(self._image_identity(version), 0)
+        try:
+            return hdf5_image.Image.from_bytes(data) if data else None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("a cached image of version %s is damaged (%s): building it again", version, e)
+            return None
+
+    def _image_identity(self, version: str) -> str:
+        """Names one image for ever: an image points at raw chunks by byte offset,
+        so it is only good for the file exactly as it was (any write changes its
+        mtime or size; another file has another inode or object addresses)."""
+        st = os.fstat(self._fd)
+        address = h5py.h5o.get_info(self.f[VERSIONS_GROUP][version].id).addr
+        return "\0".join(map(str, ("hdf5-image", hdf5_image.Image.MAGIC, h5py.version.hdf5_version, self.path,
+                                    st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, version, address)))
 
     def file_size(self, ref: Any) -> int:
         if isinstance(ref, ImageRef):

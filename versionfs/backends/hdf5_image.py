@@ -26,6 +26,7 @@ timestamps are stored.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -52,11 +53,33 @@ class Region:
 class Image:
     """A built image: its size, its metadata pages and its chunk regions."""
 
+    MAGIC = b"VFSIMG1\n"  # the stored form below; a new layout gets a new magic
+
     def __init__(self, size: int, pages: dict[int, bytearray], regions: list[Region]):
         self.size = size
         self.pages = pages
         self.regions = sorted(regions, key=lambda r: r.offset)
         self._starts = [r.offset for r in self.regions]
+
+    def to_bytes(self) -> bytes:
+        """The image as it is kept on disk: magic, a JSON header, the pages."""
+        indexes = sorted(self.pages)
+        header = json.dumps({"size": self.size, "pages": indexes,
+                             "regions": [[r.offset, r.length, r.source] for r in self.regions]}).encode()
+        return b"".join([self.MAGIC, len(header).to_bytes(8, "little"), header, *(bytes(self.pages[i]) for i in indexes)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Image":
+        """An image kept by ``to_bytes``; ValueError if it is not one, whole."""
+        if not data.startswith(cls.MAGIC):
+            raise ValueError("not a stored image")
+        start = len(cls.MAGIC) + 8
+        end = start + int.from_bytes(data[len(cls.MAGIC) : start], "little")
+        header = json.loads(data[start:end])
+        if len(data) != end + PAGE * len(header["pages"]):
+            raise ValueError("a stored image of the wrong length")
+        pages = {index: bytearray(data[end + i * PAGE : end + (i + 1) * PAGE]) for i, index in enumerate(header["pages"])}
+        return cls(header["size"], pages, [Region(*r) for r in header["regions"]])
 
     def read(self, fd: int, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the image; chunk bytes come from ``fd``."""
