@@ -361,3 +361,21 @@ def test_a_cached_image_is_only_used_for_the_same_file(tmp_path):
         with open(tmp_path / "cache" / name, "r+b") as f:
             f.truncate(100)
     assert image_bytes() == (data, True)
+
+
+def test_an_image_missing_something_by_error_is_not_kept_and_no_cache_is_no_failure(tmp_path, mount):
+    def step(g):
+        g.create_dataset("ok", data=np.arange(3))
+
+    path = make_versions(tmp_path / "ext.h5", step)
+    with h5py.File(path, "a") as f:  # data in an external file that is not there: every read of it fails
+        f["_version_data/versions/v1"].create_dataset("gone", shape=(4,), dtype="i4", external=[(str(tmp_path / "nowhere.bin"), 0, 16)])
+    cache = tmp_path / "cache"
+    m = mount(path, "--cache-dir", str(cache))
+    with h5py.File(m.path / "latest.h5", "r") as img:
+        assert list(img) == ["ok"]
+    assert "gone is left out of the plain .h5 image: cannot be copied" in m.log
+    assert [f for _, _, files in os.walk(cache) for f in files] == []  # built again next time, not kept
+    (tmp_path / "a-file").write_text("")
+    unusable = mount(path, "--cache-dir", str(tmp_path / "a-file" / "cache"))  # cannot be made: no cache, still a mount
+    assert (unusable.path / "latest/ok.npy").exists() and "no cache:" in unusable.log

@@ -182,10 +182,13 @@ class DiskCache:
         found = []
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
-            if name.endswith(".tmp"):
-                os.unlink(path)  # a write a crash interrupted
+            try:
+                if name.endswith(".tmp"):
+                    os.unlink(path)  # a write a crash interrupted (or another daemon's, under way)
+                    continue
+                st = os.stat(path)
+            except FileNotFoundError:  # another daemon sharing the cache removed it meanwhile
                 continue
-            st = os.stat(path)
             found.append((st.st_atime_ns, name, st.st_size))
         for _, name, size in sorted(found):
             self._sizes[name] = size

@@ -67,7 +67,10 @@ def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | 
     cache = None
     if cache_dir is not None:
         name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
-        cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes)
+        try:
+            cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes)
+        except OSError as e:  # a cache only saves time: mount without one
+            log.warning("no cache: %s: %s", cache_dir, e.strerror or e)
     if source.startswith("s3://"):
         from .backends.s3 import S3Backend
 

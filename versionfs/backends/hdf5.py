@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import journal
+from .. import __version__, journal
 from ..cache import DiskCache, Lru
 from ..errors import SourceError
 from . import hdf5_image, npy
@@ -403,7 +403,7 @@ class HDF5Backend:
         image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
         log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
                  version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
-        if self.cache is not None:
+        if self.cache is not None and image.complete:
             self.cache.put(self._image_identity(version), 0, image.to_bytes())
         return image
 
@@ -421,11 +421,14 @@ class HDF5Backend:
     def _image_identity(self, version: str) -> str:
         """Names one image for ever: an image points at raw chunks by byte offset,
         so it is only good for the file exactly as it was (any write changes its
-        mtime or size; another file has another inode or object addresses)."""
+        mtime, ctime or size; another file has another inode or object addresses),
+        built by the same code and libraries."""
         st = os.fstat(self._fd)
         address = h5py.h5o.get_info(self.f[VERSIONS_GROUP][version].id).addr
-        return "\0".join(map(str, ("hdf5-image", hdf5_image.Image.MAGIC, h5py.version.hdf5_version, self.path,
-                                    st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, version, address)))
+        return "\0".join(map(str, (
+            "hdf5-image", hdf5_image.Image.MAGIC, hdf5_image.BUILDER, __version__, h5py.version.version,
+            h5py.version.hdf5_version, self.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            version, address)))
 
     def file_size(self, ref: Any) -> int:
         if isinstance(ref, ImageRef):

@@ -26,6 +26,7 @@ timestamps are stored.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PAGE = 4096
+BUILDER = 2  # how images are built: a change that alters their bytes must raise it (stored images)
 _LOGGED: set[str] = set()
 
 
@@ -53,28 +55,34 @@ class Region:
 class Image:
     """A built image: its size, its metadata pages and its chunk regions."""
 
-    MAGIC = b"VFSIMG1\n"  # the stored form below; a new layout gets a new magic
+    MAGIC = b"VFSIMG2\n"  # the stored form below; a new layout gets a new magic
 
-    def __init__(self, size: int, pages: dict[int, bytearray], regions: list[Region]):
+    def __init__(self, size: int, pages: dict[int, bytearray], regions: list[Region], complete: bool = True):
         self.size = size
         self.pages = pages
         self.regions = sorted(regions, key=lambda r: r.offset)
         self._starts = [r.offset for r in self.regions]
+        # False: something was left out because of an error (it may not happen
+        # again), so the image is not worth keeping beyond this mount.
+        self.complete = complete
 
     def to_bytes(self) -> bytes:
-        """The image as it is kept on disk: magic, a JSON header, the pages."""
+        """The image as it is kept on disk: magic, SHA-256 of the rest, the length
+        of a JSON header, the header, the pages."""
         indexes = sorted(self.pages)
         header = json.dumps({"size": self.size, "pages": indexes,
                              "regions": [[r.offset, r.length, r.source] for r in self.regions]}).encode()
-        return b"".join([self.MAGIC, len(header).to_bytes(8, "little"), header, *(bytes(self.pages[i]) for i in indexes)])
+        body = b"".join([len(header).to_bytes(8, "little"), header, *(bytes(self.pages[i]) for i in indexes)])
+        return self.MAGIC + hashlib.sha256(body).digest() + body
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Image":
         """An image kept by ``to_bytes``; ValueError if it is not one, whole."""
-        if not data.startswith(cls.MAGIC):
-            raise ValueError("not a stored image")
-        start = len(cls.MAGIC) + 8
-        end = start + int.from_bytes(data[len(cls.MAGIC) : start], "little")
+        head = len(cls.MAGIC) + 32
+        if not data.startswith(cls.MAGIC) or hashlib.sha256(data[head:]).digest() != data[len(cls.MAGIC) : head]:
+            raise ValueError("not a stored image, or a damaged one")
+        start = head + 8
+        end = start + int.from_bytes(data[head:start], "little")
         header = json.loads(data[start:end])
         if len(data) != end + PAGE * len(header["pages"]):
             raise ValueError("a stored image of the wrong length")
@@ -192,6 +200,7 @@ class _Builder:
         self.source = source
         self.internal_attrs = internal_attrs
         self.skipped: list[str] = []
+        self.failed = False  # something was left out because of an error
         self._chunk_index: dict[str, dict[tuple[int, ...], tuple[int, int, int]]] = {}
 
     def build(self, group_path: str) -> Image:
@@ -212,7 +221,7 @@ class _Builder:
         recorder = _Recorder(placeholder)
         with h5py.File(recorder, "w", track_order=False) as out:
             self._copy_group(group, out, recorder, placeholder, plans)
-        return Image(recorder.size, recorder.pages, recorder.regions)
+        return Image(recorder.size, recorder.pages, recorder.regions, complete=not self.failed)
 
     # -- objects ---------------------------------------------------------------------
     def _copy_group(self, src: h5py.Group, dst: h5py.Group, recorder: _Recorder, placeholder: np.ndarray,
@@ -226,6 +235,7 @@ class _Builder:
             try:
                 obj = src[name]
             except (KeyError, OSError) as e:
+                self.failed = True
                 self._skip(f"{src.name}/{name}", f"cannot be opened: {e}")
                 continue
             if isinstance(obj, h5py.Group):
@@ -254,6 +264,7 @@ class _Builder:
                 if name in dst:
                     del dst[name]
                 error = f"{type(e).__name__}: {e}"
+        self.failed = True
         self._skip(src.name, f"cannot be copied: {error}")
 
     def _copy_dataset(self, src: h5py.Dataset, dst: h5py.Group, name: str, recorder: _Recorder,

@@ -215,7 +215,7 @@ class S3Backend:
         instants = sorted({v.modified for versions in by_key.values() for v in versions})
         # Changes even when no new instant appears (a second write within the same
         # second on a store with whole-second times).
-        signature = hash(tuple(sorted((v.key, v.version_id) for versions in by_key.values() for v in versions)))
+        signature = hash(frozenset((v.key, v.version_id) for versions in by_key.values() for v in versions))
         if signature != self.signature:
             self._dirs.clear()  # history/ lists again
         self.signature = signature
