@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import trio
 
-from .backends.base import Change, Dir, File, Progress, find
+from .backends.base import Change, Dir, File, Progress, find, join
 from .errors import ConflictError, UserError
 from .namespace import Namespace
 from .selectors import parse
-from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into, join
+from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into
 
 log = logging.getLogger(__name__)
 FIRST_VERSION = "__first_version__"

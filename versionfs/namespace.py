@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable
 from urllib.parse import quote, unquote
 
 from . import selectors
-from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, to_ns
+from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, join, to_ns
 from .cache import BlockReader, Lru
 from .errors import FsError, enoent
 from .worker import Worker
@@ -232,7 +232,7 @@ class VersionsDir(Node):
 
     async def children(self) -> list[tuple[str, Node]]:
         out: list[tuple[str, Node]] = []
-        ext = self.ns.backend_image_ext
+        ext = self.ns.backend.image_ext
         for v in self.ns.all_versions:
             out.append((v.name, await self.ns.version_root("versions", v)))
             if ext and self.ns.image_name(v) is not None:
@@ -282,8 +282,8 @@ class Root(Node):
         out: list[tuple[str, Node]] = []
         if self.ns.current_info() is not None:
             out.append(("latest", await self.ns.latest()))
-            if self.ns.backend_image_ext:
-                out.append(("latest" + self.ns.backend_image_ext, await self.ns.latest_image()))
+            if self.ns.backend.image_ext:
+                out.append(("latest" + self.ns.backend.image_ext, await self.ns.latest_image()))
         out.append(("versions", self.ns.versions_dir))
         out.append(("history", HistoryDir(self.ns, "")))
         if self.ns.overlay is not None:
@@ -305,9 +305,6 @@ class HistoryDir(Node):
         self.ns, self.path = ns, path
         self.key = ("history", path)
 
-    def _below(self, name: str) -> str:
-        return f"{self.path}/{name}" if self.path else name
-
     async def attr(self) -> Attr:
         return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2)
 
@@ -318,7 +315,7 @@ class HistoryDir(Node):
         if entry is not None:
             return TreeFile(self.ns, ("history-file", self.path, name), entry[1])
         if name in listing.history.children:
-            return HistoryDir(self.ns, self._below(name))
+            return HistoryDir(self.ns, join(self.path, name))
         selector = selectors.parse(name[1:]) if name.startswith("@") else None
         chosen = listing.index.resolve(selector) if selector is not None else None
         if chosen is None and isinstance(selector, selectors.ById):
@@ -330,7 +327,7 @@ class HistoryDir(Node):
 
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
-        out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, self._below(n))) for n in listing.history.children]
+        out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, join(self.path, n))) for n in listing.history.children]
         out += [(n, TreeFile(self.ns, ("history-file", self.path, n), entry))
                 for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
         return out
@@ -397,7 +394,6 @@ class Namespace:
         # Starts background tasks (prefetch) in the daemon's nursery, once serving.
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
-        self.backend_image_ext: str | None = getattr(backend, "image_ext", None)
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
         self._unshown_images: set[str] = set()
         self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_SIZE)
@@ -426,8 +422,8 @@ class Namespace:
 
     def _state(self) -> tuple[Any, ...]:
         # A backend whose versions can gain content under the same name (S3 on a
-        # store with whole-second times) says so with a signature of its listing.
-        return ([v.name for v in self.all_versions], self._current, getattr(self.backend, "signature", None))
+        # store with whole-second times) says so with its listing's signature.
+        return ([v.name for v in self.all_versions], self._current, self.backend.signature)
 
     async def reload(self) -> bool:
         """Read the version list again; True if it changed."""
@@ -490,7 +486,7 @@ class Namespace:
     # -- X.h5: a version as one file ------------------------------------------------------
     def image_base(self, name: str) -> str | None:
         """``X`` for a name ``X.h5`` when the backend has images, else None."""
-        ext = self.backend_image_ext
+        ext = self.backend.image_ext
         if ext and name.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
         return None
@@ -500,7 +496,7 @@ class Namespace:
         is another version's own name (the directory wins), or over 255 bytes.
         Either is logged once; the image stays reachable by position or time
         (``@<n>.h5``)."""
-        name = info.name + (self.backend_image_ext or "")
+        name = info.name + (self.backend.image_ext or "")
         why = "is another version's name" if name in self.by_name else "is too long" if len(name.encode()) > NAME_MAX else None
         if why is None:
             return name

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import trio
 
-from .backends.base import Dir, File, find
+from .backends.base import Dir, File, find, join
 from .errors import FsError, enoent
 from .namespace import Attr, Handle, Node, SHORT_TTL
 
@@ -52,10 +52,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 # --delete` into staging leaves it alone); a file written there under that name
 # is kept like any other but never committed (a copy of latest/ synced back works).
 RESERVED_ROOT_NAMES = frozenset({".version.json"})
-
-
-def join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
 
 
 def split(path: str) -> tuple[str, str]:

@@ -82,6 +82,11 @@ class History:
     revisions: tuple[Revision, ...]  # oldest first; empty if the path was never a file
 
 
+def join(parent: str, name: str) -> str:
+    """The display path of ``name`` in directory ``parent`` ('' is the top)."""
+    return f"{parent}/{name}" if parent else name
+
+
 def find(root: Dir, path: str) -> Entry | None:
     """The entry at ``path`` ('a/b.npy'; '' is the root) of a version tree."""
     entry: Entry | None = root
@@ -140,6 +145,9 @@ class Backend(Protocol):
         if it was a file, one revision per distinct version of it."""
 
     image_ext: str | None  # X<ext> beside each tree X/ is the version as one file (None: no such file)
+    # Changes whenever the listing does, also where no version name does (None:
+    # version names say it all), so that cached trees and histories are dropped.
+    signature: Any
 
     def image(self, version: str) -> File:
         """The version as one file (only when ``image_ext`` is set)."""

@@ -26,7 +26,7 @@ from ..errors import SourceError
 from . import hdf5_image, npy
 from ..selectors import format_utc
 from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
-                   safe_name, to_ns, version_json)
+                   join, safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class HDF5Backend:
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
+    signature = None  # a version never changes once its name is listed
 
     def __init__(self, path: str, cache: DiskCache | None = None):
         self.path = os.path.abspath(path)
@@ -370,7 +371,7 @@ class HDF5Backend:
                 prefix, directory = pending.pop()
                 paths[prefix] = tuple(directory.children)
                 for name, entry in directory.children.items():
-                    below = f"{prefix}/{name}" if prefix else name
+                    below = join(prefix, name)
                     if isinstance(entry, Dir):
                         pending.append((below, entry))
                     else:

@@ -196,18 +196,15 @@ class _Recorder:
 
 
 class _Builder:
-    def __init__(self, source: h5py.File, internal_attrs: frozenset[str]):
-        self.source = source
-        self.internal_attrs = internal_attrs
-        self.skipped: list[str] = []
+    """One build of one version's image (``build`` below)."""
+
+    def __init__(self, source: h5py.File, group_path: str, internal_attrs: frozenset[str]):
+        self.source, self.group_path, self.internal_attrs = source, group_path, internal_attrs
         self.failed = False  # something was left out because of an error
         self._chunk_index: dict[str, dict[tuple[int, ...], tuple[int, int, int]]] = {}
-
-    def build(self, group_path: str) -> Image:
-        self.group_path = group_path
-        group = self.source[group_path]
-        plans = {}
-        largest = 1
+        group = source[group_path]
+        # Every dataset's chunk plan first: the shared zero buffer must hold the largest chunk.
+        self.plans: dict[str, Any] = {}
         for path, ds in _datasets(group):
             try:
                 plan = self._plan(ds)
@@ -215,17 +212,19 @@ class _Builder:
                 log.warning("%s: its chunks cannot be mapped (%s); copying its data", path, e)
                 plan = None
             if plan is not None:
-                plans[path] = plan
-                largest = max([largest, *(size for _, _, _, size in plan[1])])
-        placeholder = np.zeros(largest, np.uint8)
-        recorder = _Recorder(placeholder)
-        with h5py.File(recorder, "w", track_order=False) as out:
-            self._copy_group(group, out, recorder, placeholder, plans)
+                self.plans[path] = plan
+        largest = max((size for _, chunks in self.plans.values() for *_, size in chunks), default=1)
+        self.placeholder = np.zeros(largest, np.uint8)
+        self.recorder = _Recorder(self.placeholder)
+
+    def build(self) -> Image:
+        with h5py.File(self.recorder, "w", track_order=False) as out:
+            self._copy_group(self.source[self.group_path], out)
+        recorder = self.recorder
         return Image(recorder.size, recorder.pages, recorder.regions, complete=not self.failed)
 
     # -- objects ---------------------------------------------------------------------
-    def _copy_group(self, src: h5py.Group, dst: h5py.Group, recorder: _Recorder, placeholder: np.ndarray,
-                    plans: dict[str, Any]) -> None:
+    def _copy_group(self, src: h5py.Group, dst: h5py.Group) -> None:
         self._copy_attrs(src, dst)
         for name in sorted(src):
             link = src.get(name, getlink=True)
@@ -242,33 +241,31 @@ class _Builder:
                 gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
                 gcpl.set_obj_track_times(False)  # no timestamps: two builds are identical
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
-                self._copy_group(obj, child, recorder, placeholder, plans)
+                self._copy_group(obj, child)
             elif isinstance(obj, h5py.Dataset):
-                self._copy_or_skip(obj, dst, name, recorder, placeholder, plans.get(obj.name))
+                self._copy_or_skip(obj, dst, name, self.plans.get(obj.name))
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")
 
-    def _copy_or_skip(self, src: h5py.Dataset, dst: h5py.Group, name: str, recorder: _Recorder,
-                      placeholder: np.ndarray, plan: Any) -> None:
+    def _copy_or_skip(self, src: h5py.Dataset, dst: h5py.Group, name: str, plan: Any) -> None:
         """Copy a dataset by its chunks' places, else with its data, else leave it
         out: one odd dataset must not cost the whole image."""
         for attempt in ([plan, None] if plan is not None else [None]):
-            regions = len(recorder.regions)
+            regions = len(self.recorder.regions)
             try:
-                self._copy_dataset(src, dst, name, recorder, placeholder, attempt)
+                self._copy_dataset(src, dst, name, attempt)
                 return
             except Exception as e:  # noqa: BLE001
                 # Undo it all: the link, and the chunk places it recorded (their
                 # space may be reused by later metadata).
-                del recorder.regions[regions:]
+                del self.recorder.regions[regions:]
                 if name in dst:
                     del dst[name]
                 error = f"{type(e).__name__}: {e}"
         self.failed = True
         self._skip(src.name, f"cannot be copied: {error}")
 
-    def _copy_dataset(self, src: h5py.Dataset, dst: h5py.Group, name: str, recorder: _Recorder,
-                      placeholder: np.ndarray, plan: Any) -> None:
+    def _copy_dataset(self, src: h5py.Dataset, dst: h5py.Group, name: str, plan: Any) -> None:
         if src.dtype.hasobject and h5py.check_string_dtype(src.dtype) is None:
             self._skip(src.name, f"dtype {src.dtype} has no plain form here")
             return
@@ -290,9 +287,9 @@ class _Builder:
         out = h5py.Dataset(dsid)
         if plan is not None:
             for chunk_offset, mask, source, size in plan[1]:
-                recorder.expect_chunk(size, source)
-                dsid.write_direct_chunk(chunk_offset, placeholder[:size], mask)
-                if not recorder.chunk_written():
+                self.recorder.expect_chunk(size, source)
+                dsid.write_direct_chunk(chunk_offset, self.placeholder[:size], mask)
+                if not self.recorder.chunk_written():
                     raise RuntimeError(f"{src.name}: a chunk write did not reach the file as one write")
         elif src.size:
             out[...] = src[()]
@@ -374,7 +371,6 @@ class _Builder:
         return raw if isinstance(raw, h5py.Dataset) and raw.chunks is not None else None
 
     def _skip(self, what: str, why: str) -> None:
-        self.skipped.append(what)
         if what not in _LOGGED:  # once per daemon, however often the image is rebuilt
             _LOGGED.add(what)
             log.warning("%s is left out of the plain .h5 image: %s", what, why)
@@ -411,4 +407,4 @@ def _datasets(group: h5py.Group) -> list[tuple[str, h5py.Dataset]]:
 
 def build(source: h5py.File, group_path: str, internal_attrs: frozenset[str]) -> Image:
     """The plain-HDF5 image of the group ``group_path`` of ``source`` (blocking)."""
-    return _Builder(source, internal_attrs).build(group_path)
+    return _Builder(source, group_path, internal_attrs).build()

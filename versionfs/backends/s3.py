@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from urllib.parse import quote, urlparse
 
 from ..cache import DiskCache
 from ..errors import ConflictError, SourceError
-from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, safe_name, to_ns
+from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -133,7 +132,7 @@ class S3Backend:
         self._by_key: dict[str, list[ObjectVersion]] = {}
         self._instants: list[dt.datetime] = []
         self._digits = 0
-        self._dirs: dict[str, tuple[float, DirListing]] = {}  # history/: one listing per directory
+        self._dirs: dict[str, DirListing] = {}  # history/: one listing per directory, until a poll sees a change
         self.signature: int | None = None  # of the last listing: tells the namespace what changed
 
     # -- opening ----------------------------------------------------------------------
@@ -278,9 +277,9 @@ class S3Backend:
     # -- history ------------------------------------------------------------------------
     def history(self, path: str) -> History:
         """From one listing per directory (Delimiter "/"), kept until a poll sees
-        any change (or for ``poll_interval`` seconds): the names ever below
-        ``path`` and every version and delete marker of the key at ``path``,
-        oldest first. A key's own history needs only its directory's listing."""
+        any change: the names ever below ``path`` and every version and delete
+        marker of the key at ``path``, oldest first. A key's own history needs
+        only its directory's listing."""
         children: set[str] = set()
         revisions: tuple[Revision, ...] = ()
         versions: list[ObjectVersion] = []
@@ -303,7 +302,7 @@ class S3Backend:
         return History(tuple(sorted(children)), revisions)
 
     def _valid(self, directory: str, name: str) -> bool:
-        key = f"{directory}/{name}" if directory else name
+        key = join(directory, name)
         if path_parts(key) is None:
             self._log_once(self.prefix + key, "key %r is not a valid path: not shown", self.prefix + key)
             return False
@@ -311,14 +310,14 @@ class S3Backend:
 
     def _dir_listing(self, directory: str) -> "DirListing":
         cached = self._dirs.get(directory)
-        if cached is not None and time.monotonic() - cached[0] < self.poll_interval:
-            return cached[1]
+        if cached is not None:
+            return cached
         prefix = self.prefix + (directory + "/" if directory else "")
         listing, subdirs = self._list(prefix, "/")
         keys = {key[len(prefix):]: versions for key, versions in self._by_key_newest_first(listing).items()}
         names = [p[len(prefix):].rstrip("/") for p in subdirs]
         result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n))
-        self._dirs[directory] = (time.monotonic(), result)
+        self._dirs[directory] = result
         return result
 
     # -- data ---------------------------------------------------------------------------
