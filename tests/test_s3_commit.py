@@ -179,3 +179,17 @@ def test_rollback_on_s3(moto_endpoint, mount):
     assert "DeleteMarkers" in s3.list_object_versions(Bucket=bucket, Prefix="b.txt")
     assert sorted(os.listdir(m.path / "latest")) == ["a.txt"]
     assert len(os.listdir(m.path / "versions")) >= 3  # added to; history is never rewritten
+
+
+def test_stored_sha256_is_one_form_whichever_the_store_kept():
+    import base64
+    import hashlib
+
+    from versionfs.backends.s3 import SHA_META, stored_sha256
+
+    digest = hashlib.sha256(b"content")
+    by_versionfs = {"Metadata": {SHA_META: digest.hexdigest()}}
+    by_the_store = {"Metadata": {}, "ChecksumSHA256": base64.b64encode(digest.digest()).decode()}
+    assert stored_sha256(by_versionfs) == stored_sha256(by_the_store) == digest.hexdigest()  # compact compares these
+    assert stored_sha256({"ChecksumSHA256": "abc=-3"}) is None  # a checksum of parts proves nothing here
+    assert stored_sha256({}) is None

@@ -26,8 +26,6 @@ from .selectors import parse
 from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into
 
 log = logging.getLogger(__name__)
-FIRST_VERSION = "__first_version__"
-EXIT_CONFLICT = 3
 
 
 class CommitRefused(UserError):
@@ -37,8 +35,6 @@ class CommitRefused(UserError):
 
 
 class Conflict(ConflictError):
-    exit_code = EXIT_CONFLICT
-
     def __init__(self, base: str, latest: str, paths: list[str]):
         lines = "\n".join(f"  {p}" for p in paths)
         super().__init__(
@@ -58,8 +54,9 @@ class StatusLine:
 
 
 # -- what changed -----------------------------------------------------------------
-def candidate_changes(rows: dict[str, Row], base: Dir, store) -> list[Change]:
+def candidate_changes(base: Dir, store) -> list[Change]:
     """Changes the staged rows describe, without reading any data."""
+    rows = store.rows
     changes: list[Change] = []
     for path in sorted(rows):
         if path in RESERVED_ROOT_NAMES:
@@ -153,8 +150,6 @@ def check_version_name(name: str, taken: set[str]) -> None:
         raise CommitRefused(f"invalid version name {name!r}: no '/' or NUL")
     if name.startswith(("@", ".")):
         raise CommitRefused(f"invalid version name {name!r}: it cannot start with '@' or '.'")
-    if name == FIRST_VERSION:
-        raise CommitRefused(f"invalid version name {name!r}: reserved by the format")
     if len(name.encode()) > 255:
         raise CommitRefused("invalid version name: longer than 255 bytes")
     if name in taken:
@@ -181,7 +176,7 @@ class Committer:
     async def _changes(self) -> tuple[list[Change], Dir]:
         base = await self.overlay.base_tree()
         store = self.overlay.store
-        candidates = candidate_changes(store.rows, base, store)
+        candidates = candidate_changes(base, store)
         return await self.ns.worker.run(real_changes, self.ns.backend, candidates, base), base
 
     async def status(self) -> list[str]:

@@ -146,7 +146,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         if opts.endpoint_url:
             namespace.root.info[XATTR_ENDPOINT] = opts.endpoint_url.encode()
         committer = None
-        if not opts.read_only and hasattr(backend, "commit"):
+        if not opts.read_only:
             overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))
             finish_interrupted(overlay, set(namespace.by_name))
             namespace.overlay = overlay

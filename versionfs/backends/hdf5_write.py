@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
-from .hdf5 import ATTRS_FILE, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR, VERSION_FILE
+from .hdf5 import ATTRS_FILE, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR, VERSION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def commit(path: str, parent: str | None, changes: list[Change], name: str, mess
     try:
         with h5py.File(jf, "r+") as f:
             vf = VersionedHDF5File(f)
-            prev = parent or "__first_version__"
+            prev = parent or FIRST_VERSION
             with vf.stage_version(name, prev_version=prev, timestamp=dt.datetime.now(UTC)) as group:
                 writer = _Writer(f, group, prev, parent_tree)
                 writer.carry_root_attrs()

@@ -109,7 +109,6 @@ class S3Backend:
         import boto3
         from botocore.config import Config
 
-        self.url = url
         self.bucket, self.prefix = parse_url(url)
         self.description = f"s3://{self.bucket}/{self.prefix}"
         # Transient errors (5xx, throttling, resets) are retried with backoff;
@@ -117,10 +116,6 @@ class S3Backend:
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
         config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
-        # The first request answers "can this be mounted at all?": a wrong endpoint
-        # or a missing bucket is said in seconds, not after ten retries.
-        self._probe = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
-            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
@@ -128,7 +123,10 @@ class S3Backend:
         self._logged: set[str] = set()
         self._listing_order: list[list[tuple[str, str]]] = []
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
-        self._check_versioning()
+        # The first request answers "can this be mounted at all?": a wrong endpoint
+        # or a missing bucket is said in seconds, not after ten retries.
+        self._check_versioning(boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)))
         self._by_key: dict[str, list[ObjectVersion]] = {}
         self._instants: list[dt.datetime] = []
         self._digits = 0
@@ -136,11 +134,11 @@ class S3Backend:
         self.signature: int | None = None  # of the last listing: tells the namespace what changed
 
     # -- opening ----------------------------------------------------------------------
-    def _check_versioning(self) -> None:
+    def _check_versioning(self, probe: Any) -> None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
-            status = self._probe.get_bucket_versioning(Bucket=self.bucket).get("Status")
+            status = probe.get_bucket_versioning(Bucket=self.bucket).get("Status")
         except NoCredentialsError:
             raise SourceError(f"{self.description}: no AWS credentials (environment, ~/.aws or instance role)") from None
         except ClientError as e:
@@ -378,13 +376,10 @@ class S3Backend:
         ref: S3Ref = entry.ref
         if os.path.getsize(local) != ref.size:
             return False
-        head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id, ChecksumMode="ENABLED")
-        stored = head.get("Metadata", {}).get(SHA_META)
-        if stored:
-            return stored == file_digests(local)["sha256"]
-        checksum = head.get("ChecksumSHA256")
-        if checksum and "-" not in checksum:
-            return checksum == base64.b64encode(bytes.fromhex(file_digests(local)["sha256"])).decode()
+        head = self._head(ref.key, ref.version_id)
+        sha256 = stored_sha256(head)
+        if sha256:
+            return sha256 == file_digests(local)["sha256"]
         etag = (head.get("ETag") or ref.etag or "").strip('"')
         if not etag:
             return False
@@ -533,11 +528,11 @@ class S3Backend:
             return False
         if a.etag and a.etag == b.etag:
             return True  # same MD5 (or same multipart parts' MD5s)
-        digests = []
-        for version in (a, b):
-            head = self.client.head_object(Bucket=self.bucket, Key=version.key, VersionId=version.version_id, ChecksumMode="ENABLED")
-            digests.append(head.get("Metadata", {}).get(SHA_META) or head.get("ChecksumSHA256"))
+        digests = [stored_sha256(self._head(v.key, v.version_id)) for v in (a, b)]
         return digests[0] is not None and digests[0] == digests[1]
+
+    def _head(self, key: str, version_id: str) -> dict[str, Any]:
+        return self.client.head_object(Bucket=self.bucket, Key=key, VersionId=version_id, ChecksumMode="ENABLED")
 
     def remove_version(self, version: ObjectVersion) -> None:
         """Delete one object version for good (compact only)."""
@@ -580,6 +575,18 @@ def _written_note(keys: list[str]) -> str:
     if not keys:
         return "; nothing was written"
     return f"; already written ({len(keys)}): " + ", ".join(keys)
+
+
+def stored_sha256(head: dict[str, Any]) -> str | None:
+    """The content's SHA-256 (hex) as the store keeps it for an object version:
+    the one versionfs wrote with it, else the store's own whole-object checksum."""
+    stored = head.get("Metadata", {}).get(SHA_META)
+    if stored:
+        return stored
+    checksum = head.get("ChecksumSHA256")
+    if checksum and "-" not in checksum:  # "-N": a checksum of part checksums
+        return base64.b64decode(checksum).hex()
+    return None
 
 
 def file_digests(path: str) -> dict[str, str]:
