@@ -188,7 +188,7 @@ class Committer:
         async with self.overlay.lock:
             self._refuse_open_writers()
             info = self.ns.current_info()
-            self.overlay.reset(info.name if info else None)
+            await self.overlay.reset(info.name if info else None)
         self.ns.notify_changed()
 
     def _refuse_open_writers(self) -> None:
@@ -211,7 +211,7 @@ class Committer:
         latest = self.ns.current_info()
         latest_name = latest.name if latest else None
         if not changes:
-            self.overlay.reset(latest_name)
+            await self.overlay.reset(latest_name)
             return None
         base_name = self.overlay.base_version
         latest_tree = await self.ns.tree(latest_name) if latest_name else Dir(0)
@@ -220,7 +220,7 @@ class Committer:
             if clashes:
                 raise Conflict(str(base_name), str(latest_name), clashes)
             if not changes:
-                self.overlay.reset(latest_name)
+                await self.overlay.reset(latest_name)
                 return None
         taken = set(self.ns.by_name)
         if self.ns.backend.names_versions:
@@ -237,7 +237,7 @@ class Committer:
             store.set_meta("committing", None)
             raise
         await self.ns.reload()
-        self.overlay.reset(name)  # also clears the "committing" record, atomically
+        await self.overlay.reset(name)  # also clears the "committing" record, atomically
         await trio.to_thread.run_sync(store.sync)
         log.info("committed version %s (%d changes)", name, len(changes))
         return name
@@ -309,7 +309,8 @@ def finish_interrupted(overlay: Overlay, versions: set[str]) -> None:
         overlay.store.set_meta("committing", None)
     elif name in versions:
         log.warning("the commit of %s completed before the daemon stopped: staging is now empty", name)
-        overlay.reset(name)
+        overlay.reset_rows(name)
+        overlay.store.tidy()
     else:
         log.warning("the commit of %s did not complete: staging is kept", name)
         overlay.store.set_meta("committing", None)

@@ -33,7 +33,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import count
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import trio
 
@@ -106,9 +106,8 @@ class Store:
         self.rows: dict[str, Row] = {}
         self.children: dict[str, set[str]] = {}
         self._reload()
-        self.collect_garbage()
         self.reserve = os.path.join(directory, "reserve")
-        self.keep_reserve()
+        self.tidy()
 
     def keep_reserve(self) -> None:
         """A little disk space held back, so that removing files (which needs a
@@ -122,6 +121,16 @@ class Store:
                     os.unlink(self.reserve)
                 except FileNotFoundError:
                     pass
+
+    def run_freeing(self, change: Callable[[], None]) -> None:
+        """``change()`` in a transaction that frees space; run again once if the
+        reserve had to be given up for it (see ``freeing``)."""
+        try:
+            with self.freeing():
+                change()
+        except RetryFreed:
+            with self.freeing():
+                change()
 
     @contextmanager
     def freeing(self) -> Iterator[None]:
@@ -233,6 +242,11 @@ class Store:
         self.rows.clear()
         self.children.clear()
 
+    def tidy(self) -> None:
+        """Remove the blobs no row refers to and take the reserve back (blocking)."""
+        self.collect_garbage()
+        self.keep_reserve()
+
     def collect_garbage(self) -> None:
         """Remove blobs no row refers to."""
         used = {r.blob for r in self.rows.values() if r.blob}
@@ -308,20 +322,22 @@ class Overlay:
             self.store.set_meta("base", base)
         return await self.ns.tree(base) if base else Dir(mtime_ns=self.ns.newest_mtime_ns())
 
-    def reset(self, base: str | None) -> None:
+    async def reset(self, base: str | None) -> None:
         """Empty staging on top of ``base`` (after a commit or a discard), and
-        drop the record of a commit in progress, in one transaction."""
-        for attempt in (1, 2):
-            try:
-                with self.store.freeing():
-                    self.store.clear()
-                    self.store.set_meta("base", base)
-                    self.store.set_meta("committing", None)
-                break
-            except RetryFreed:
-                continue
-        self.store.collect_garbage()
-        self.store.keep_reserve()
+        drop the record of a commit in progress, in one transaction; the blobs
+        (possibly gigabytes) are removed off the trio loop."""
+        self.reset_rows(base)
+        await trio.to_thread.run_sync(self.store.tidy)
+
+    def reset_rows(self, base: str | None) -> None:
+        """``reset`` but for removing the blobs (``Store.tidy``): at start-up,
+        before the trio loop runs, both are called in turn."""
+        def clear() -> None:
+            self.store.clear()
+            self.store.set_meta("base", base)
+            self.store.set_meta("committing", None)
+
+        self.store.run_freeing(clear)
         self.epoch += 1
         self.live = weakref.WeakValueDictionary()
         self.touch()
@@ -620,16 +636,14 @@ class StagingDir(StagingNode):
         store = self.overlay.store
         whiteout = await self._base_has(path)
         rows = store.subtree(path)
-        for attempt in (1, 2):
-            try:
-                with store.freeing():
-                    for row in rows:
-                        store.remove(row.path)
-                    if whiteout:
-                        store.put(Row(path, "deleted"))
-                break
-            except RetryFreed:
-                continue
+
+        def remove() -> None:
+            for row in rows:
+                store.remove(row.path)
+            if whiteout:
+                store.put(Row(path, "deleted"))
+
+        store.run_freeing(remove)
         for row in rows:
             store.drop_blob(row.blob)
         store.keep_reserve()
