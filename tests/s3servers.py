@@ -92,6 +92,42 @@ def _ministack_cmd(port: int, workdir: Path) -> tuple[list[str], dict[str, str]]
     return cmd, env
 
 
+# ministack answers a GET with a VersionId with the whole object, whatever its Range
+# (its unversioned GETs honour Range). versionfs always reads by VersionId in ranged
+# GETs of 8 MiB, so on the stock server every one of them would carry the whole
+# 256 MiB object: 32 times the data, a measure of that defect and nothing else.
+# With ``versioned_range_fix`` (the benchmarks use it), the server's versioned GET
+# slices the body as its unversioned GET does (and as AWS does); nothing else
+# changes, and the benchmark checks it.
+MINISTACK_RANGE_FIX = """
+import ministack.services.s3 as s3
+
+_get_object = s3._get_object
+
+
+def get_object(bucket_name, key, headers, query_params=None):
+    status, out, body = _get_object(bucket_name, key, headers, query_params)
+    rng = headers.get("range", "")
+    if status == 200 and rng and s3._qp(query_params or {}, "versionId", "") and "Content-Range" not in out:
+        total = len(body)
+        parsed = s3._parse_range(rng, total)
+        if parsed is not None:
+            start, end = parsed
+            body = body[start : end + 1]
+            out = {k: v for k, v in out.items() if not k.lower().startswith("x-amz-checksum-")}
+            out["Content-Length"] = str(len(body))
+            out["Content-Range"] = f"bytes {start}-{end}/{total}"
+            return 206, out, body
+    return status, out, body
+
+
+s3._get_object = get_object
+from ministack.app import main
+
+main()
+"""
+
+
 _COMMANDS = {"moto": _moto_cmd, "ministack": _ministack_cmd}
 # A path that answers 200 once the server is fully up.
 _READY_PATH = {"moto": "/moto-api/", "ministack": "/_ministack/ready"}
@@ -113,10 +149,14 @@ class S3Server:
     whole process group: SIGTERM, then SIGKILL after ``stop_timeout`` seconds.
     """
 
-    def __init__(self, kind: str, *, startup_timeout: float = STARTUP_TIMEOUT, stop_timeout: float = 5.0):
+    def __init__(self, kind: str, *, startup_timeout: float = STARTUP_TIMEOUT, stop_timeout: float = 5.0,
+                 versioned_range_fix: bool = False):
         if kind not in _COMMANDS:
             raise ValueError(f"unknown S3 server kind {kind!r}; expected one of {KINDS}")
+        if versioned_range_fix and kind != "ministack":
+            raise ValueError("versioned_range_fix is a fix of ministack's")
         self.kind = kind
+        self.versioned_range_fix = versioned_range_fix  # ministack only: see MINISTACK_RANGE_FIX
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen | None = None
@@ -149,6 +189,9 @@ class S3Server:
         assert self._workdir is not None
         port = free_port()
         cmd, extra_env = _COMMANDS[self.kind](port, self._workdir)
+        if self.versioned_range_fix:
+            assert cmd[1:] == ["-m", "ministack"], cmd  # what the fix replaces
+            cmd = [cmd[0], "-c", MINISTACK_RANGE_FIX]
         env = dict(os.environ)
         # The servers must not see proxy settings or real AWS settings.
         for var in list(env):

@@ -19,7 +19,7 @@ import zoo
 from conftest import run_versionfs
 from helpers import damaged_file, library_array, make_versions
 from versionfs.backends import hdf5_image
-from versionfs.backends.hdf5 import INTERNAL_ATTRS
+from versionfs.backends.hdf5_format import INTERNAL_ATTRS
 
 VERSIONS = ["v1", "v2", "v3"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+from .backends import open_backend
 from .backends.base import VersionInfo
-from .daemon import XATTR_ENDPOINT, XATTR_SOURCE, open_backend
+from .daemon import XATTR_ENDPOINT, XATTR_SOURCE
 from .errors import SourceError
 from .selectors import format_utc
 

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from . import control
+from .backends import DEFAULT_CACHE_BYTES, open_backend
 from .backends.base import Backend
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
@@ -34,7 +35,6 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
-DEFAULT_CACHE_BYTES = 4 << 30
 FSTYPE = "fuse.versionfs"
 XATTR_PID = "user.versionfs.pid"
 XATTR_SOURCE = "user.versionfs.source"
@@ -56,28 +56,6 @@ class MountOptions:
     @property
     def read_only(self) -> bool:
         return "ro" in self.fuse_options
-
-
-def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> Backend:
-    """The backend for a source; with ``cache_dir``, what it builds or fetches is
-    cached there (S3: object content; HDF5: the .h5 images' metadata)."""
-    from .cache import DiskCache
-
-    cache = None
-    if cache_dir is not None:
-        name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
-        try:
-            cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes)
-        except OSError as e:  # a cache only saves time: mount without one
-            log.warning("no cache: %s: %s", cache_dir, e.strerror or e)
-    if source.startswith("s3://"):
-        from .backends.s3 import S3Backend
-
-        return S3Backend(source, endpoint_url, cache)
-    from .backends.hdf5 import HDF5Backend
-
-    return HDF5Backend(source, cache)
 
 
 def is_mountpoint(path: str) -> bool:

@@ -1,0 +1,38 @@
+"""The backend registry: which backend serves a source (``open_backend``).
+
+Backends are imported only when a source needs them, so ``versionfs log`` of an
+HDF5 file never imports boto3, and no backend imports pyfuse3 or trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+from .base import Backend
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
+def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> Backend:
+    """The backend for a source; with ``cache_dir``, what it builds or fetches is
+    cached there (S3: object content; HDF5: the .h5 images' metadata)."""
+    from ..cache import DiskCache
+
+    cache = None
+    if cache_dir is not None:
+        name = hashlib.sha256(f"{endpoint_url or ''}\0{source}".encode()).hexdigest()[:16]
+        try:
+            cache = DiskCache(os.path.join(os.path.abspath(cache_dir), name), cache_bytes)
+        except OSError as e:  # a cache only saves time: mount without one
+            log.warning("no cache: %s: %s", cache_dir, e.strerror or e)
+    if source.startswith("s3://"):
+        from .s3 import S3Backend
+
+        return S3Backend(source, endpoint_url, cache)
+    from .hdf5 import HDF5Backend
+
+    return HDF5Backend(source, cache)

@@ -9,12 +9,10 @@ The versioned-hdf5 library itself is only asked whether it accepts the file.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -23,65 +21,18 @@ import numpy as np
 from .. import __version__, journal
 from ..cache import DiskCache, Lru
 from ..errors import SourceError
-from . import hdf5_image, npy
+from . import hdf5_image, hdf5_write, npy
 from ..selectors import format_utc
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
+                          RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef, attr_to_json,
+                          file_kind, parse_timestamp, user_attrs)
 from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
                    join, safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
 
-VERSIONS_GROUP = "_version_data/versions"
-FIRST_VERSION = "__first_version__"
-TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FMT
-RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
-MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
-MTIME_ATTR = "_versionfs_mtime_ns"  # the mtime a file had when it was committed
-# Attributes the format (or versionfs) uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR})
-ATTRS_FILE = ".attrs.json"
-VERSION_FILE = ".version.json"
-RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 TEXT_CACHE_BYTES = 64 << 20
 IMAGE_CACHE_SIZE = 64  # built images kept (metadata only: pages and chunk offsets)
-
-
-@dataclass(frozen=True)
-class NpyRef:
-    """A fixed-size-dtype dataset shown as ``.npy``."""
-
-    h5path: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    header: bytes
-    kind = "npy"
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class TextRef:
-    """A variable-length string or bytes dataset shown as line-oriented text."""
-
-    h5path: str
-    kind = "text"
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """A whole version as one plain HDF5 file (``hdf5_image``)."""
-
-    version: str
-    kind = "image"
-
-
-@dataclass(frozen=True)
-class RawRef:
-    """A uint8 dataset holding the raw bytes of a staged file (README: Writing)."""
-
-    h5path: str
-    kind = "raw"
 
 
 def open_file(path: str) -> h5py.File:
@@ -126,54 +77,6 @@ def open_file(path: str) -> h5py.File:
     return f
 
 
-def parse_timestamp(raw: Any) -> dt.datetime:
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return dt.datetime.strptime(text, TIMESTAMP_FMT).astimezone(dt.timezone.utc)
-
-
-def attr_to_json(value: Any) -> Any:
-    """An HDF5 attribute as JSON. int64, float64, bool and strings (and lists of
-    them) are plain JSON; any other dtype is ``{"dtype": <numpy str>, "value": …}``
-    so nothing about the attribute is lost."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return {"dtype": "bytes", "value": _jsonable(value)}
-    arr = np.asarray(value)
-    plain = _jsonable(arr.tolist())
-    if arr.dtype.kind == "O" or arr.dtype in (np.dtype(bool), np.dtype(np.int64), np.dtype(np.float64)):
-        return plain
-    if arr.dtype.kind == "U":
-        return plain
-    return {"dtype": arr.dtype.str if arr.dtype.names is None else str(arr.dtype.descr), "value": plain}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bytes):
-        return x.decode("utf-8", "backslashreplace")
-    if isinstance(x, complex):
-        return [x.real, x.imag]
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    return x
-
-
-def user_attrs(obj: h5py.HLObject) -> dict[str, Any]:
-    return {k: attr_to_json(v) for k, v in obj.attrs.items() if k not in INTERNAL_ATTRS}
-
-
-def file_kind(dtype: np.dtype) -> str | None:
-    """'npy', 'text', or None for dtypes versionfs cannot show as a file."""
-    info = h5py.check_string_dtype(dtype)
-    if info is not None and info.length is None:
-        return "text"
-    if dtype.hasobject:
-        return None
-    return "npy"
-
-
 class HDF5Backend:
     """Versions of one versioned-HDF5 file (see the module docstring)."""
 
@@ -195,7 +98,6 @@ class HDF5Backend:
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._logged: set[str] = set()
         self._committed: dict[str, VersionInfo] = {}
-        from . import hdf5_write  # noqa: F401 - loaded now, so that the first commit does not wait for it
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
@@ -285,7 +187,7 @@ class HDF5Backend:
             if kind is None:
                 self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
                 continue
-            ext = {"npy": ".npy", "text": ".txt", "raw": ""}[kind]
+            ext = EXTENSIONS[kind]
             shown = self._show(safe_name(name, ext, taken, RESERVED_NAMES), name + ext, path, notes)
             taken.add(shown)
             node.children[shown] = self._file(obj, kind, mtime)
@@ -456,8 +358,6 @@ class HDF5Backend:
 
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:
-        from . import hdf5_write
-
         # The read handle holds a shared lock and h5py cannot have the file open
         # twice in different modes: close it for the commit, reopen after.
         self._close_file()

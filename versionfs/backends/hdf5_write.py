@@ -16,7 +16,6 @@ atomic and durable). How staged files map to datasets (README, "Writing"):
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 import io
 import json
@@ -34,7 +33,8 @@ from ..errors import UserError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
-from .hdf5 import ATTRS_FILE, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR, VERSION_FILE
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
+                          VERSION_FILE, json_to_attr, ref_h5path, ref_kind, ref_name, strip_ext)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _Writer:
         for part in parts:
             child = entry.children.get(part) if isinstance(entry, Dir) else None
             if child is not None and child.ref is not None:
-                out.append(_ref_name(child.ref))
+                out.append(ref_name(child.ref))
             else:
                 out.append(part)
             entry = child
@@ -124,8 +124,8 @@ class _Writer:
         if entry.content is not None:
             return entry.content
         # A rename onto an existing file: the bytes the parent version shows.
-        ds = self.f[_ref_h5path(entry.ref)]
-        kind = _ref_kind(entry.ref)
+        ds = self.f[ref_h5path(entry.ref)]
+        kind = ref_kind(entry.ref)
         if kind == "raw":
             return ds[()].tobytes()
         if kind == "text":
@@ -148,13 +148,13 @@ class _Writer:
         parent_h5 = posixpath.dirname(h5path)
         if parent_h5:
             self.g.require_group(parent_h5)
-        kind = _ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
+        kind = ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
         if kind is None and change.base_path is not None:
             source = find(self.tree, change.base_path)
             if isinstance(source, File) and source.ref is not None and source.content is None:
                 # A rename: copy the dataset as it is (same dtype, chunks, attributes).
-                dest = _renamed(h5path, leaf, _ref_kind(source.ref))
-                self.copy_dataset(_ref_h5path(source.ref), dest)
+                dest = _renamed(h5path, leaf, ref_kind(source.ref))
+                self.copy_dataset(ref_h5path(source.ref), dest)
                 return dest
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
             array = _load_npy(change.local) if change.local is not None else _parse_npy(self.content(change))
@@ -280,7 +280,7 @@ class _Writer:
             h5path, _ = self.target(posixpath.join(directory, shown) if directory else shown)
             leaf = posixpath.basename(h5path)
             # The dataset a shown file name stands for: itself (raw files) or minus its extension.
-            name = next((c for c in (leaf, _strip_ext(leaf)) if c in group and not isinstance(group[c], h5py.Group)), None)
+            name = next((c for c in (leaf, strip_ext(leaf)) if c in group and not isinstance(group[c], h5py.Group)), None)
             if name is None:
                 log.warning("%s: no file %r here; its attributes are ignored", path, shown)
                 continue
@@ -294,51 +294,6 @@ class _Writer:
                 del obj.attrs[attr]
             for attr, value in wanted.items():
                 obj.attrs[attr] = value
-
-
-def json_to_attr(value: Any) -> Any:
-    """The inverse of hdf5.attr_to_json."""
-    if isinstance(value, dict):
-        if set(value) != {"dtype", "value"}:
-            raise ValueError(f"an attribute value cannot be an object: {value!r}")
-        spec, raw = value["dtype"], value["value"]
-        if spec == "bytes":
-            return str(raw).encode("utf-8")
-        dtype = np.dtype(ast.literal_eval(spec)) if spec.startswith("[") else np.dtype(spec)
-        if dtype.kind == "c":
-            raw = _complexify(raw)
-        if dtype.kind == "S":
-            raw = _bytesify(raw)
-        return np.array(raw if dtype.names is None else _tuplify(raw), dtype=dtype)
-    if isinstance(value, bool):
-        return np.bool_(value)
-    if isinstance(value, int):
-        return np.int64(value)
-    if isinstance(value, float):
-        return np.float64(value)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if value and all(isinstance(v, str) for v in value):
-            return np.array(value, dtype=h5py.string_dtype())
-        return np.array([json_to_attr(v) for v in value])
-    raise ValueError(f"unsupported attribute value {value!r}")
-
-
-def _complexify(raw: Any) -> Any:
-    if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, (int, float)) for x in raw):
-        return complex(*raw)
-    return [_complexify(x) for x in raw]
-
-
-def _bytesify(raw: Any) -> Any:
-    return raw.encode("utf-8") if isinstance(raw, str) else [_bytesify(x) for x in raw]
-
-
-def _tuplify(raw: Any) -> Any:
-    if isinstance(raw, list) and raw and isinstance(raw[0], list):
-        return [tuple(x) for x in raw]
-    return tuple(raw)
 
 
 def _load_npy(path: str) -> np.ndarray | None:
@@ -407,27 +362,8 @@ def _order(change: Change) -> tuple[int, int, str]:
     return rank, -depth if rank == 0 else depth, change.path
 
 
-def _ref_h5path(ref: Any) -> str:
-    return ref if isinstance(ref, str) else ref.h5path
-
-
-def _ref_name(ref: Any) -> str:
-    return _ref_h5path(ref).rsplit("/", 1)[1]
-
-
-def _ref_kind(ref: Any) -> str | None:
-    return getattr(ref, "kind", None)
-
-
-def _strip_ext(leaf: str) -> str:
-    for ext in (".npy", ".txt"):
-        if leaf.endswith(ext):
-            return leaf[: -len(ext)]
-    return leaf
-
-
 def _renamed(h5path: str, leaf: str, kind: str | None) -> str:
     """The dataset name for a renamed file: its new shown name minus the extension
     its kind shows (a raw file keeps its whole name)."""
-    ext = {"npy": ".npy", "text": ".txt"}.get(kind or "")
+    ext = EXTENSIONS.get(kind or "")
     return h5path[: -len(ext)] if ext and leaf.endswith(ext) else h5path
