@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
 import pyfuse3
 
 from .errors import FsError
+from .logs import once
 from .namespace import Handle, Namespace, Node, mode_bits
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,8 @@ class VersionFS(pyfuse3.Operations):
     def report_failure(self, op: str, exc: BaseException) -> None:
         key = (op, f"{type(exc).__name__}: {exc}")
         self._failures[key] += 1
-        if self._failures[key] == 1:
-            log.error("%s failed, answering EIO: %s", op, key[1], exc_info=exc)
-        else:
-            log.debug("%s failed again (%d times): %s", op, self._failures[key], key[1])
+        log.error("%s failed, answering EIO: %s", op, key[1], exc_info=exc, extra=once(("eio", key)))
+        log.debug("%s failed (%d times): %s", op, self._failures[key], key[1])
 
     def _inode(self, node: Node, count: bool) -> int:
         inode = self._inodes.get(node.key)

@@ -2,7 +2,8 @@
 
 Under systemd, stderr goes to the journal (``JOURNAL_STREAM`` is set) and a
 ``<N>`` prefix gives each line its priority. Secrets from the environment never
-reach a log line, whatever code produced it.
+reach a log line, whatever code produced it. A record logged with
+``extra=once(key)`` is said once per key (``_Once``): the one log-once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from typing import Any, Hashable
 
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -26,6 +29,32 @@ class _Redact(logging.Filter):
         return True
 
 
+def once(key: Hashable) -> dict[str, Any]:
+    """``log.warning(msg, *args, extra=once(key))``: said the first time per key
+    and process only (a name that cannot be shown is looked up again and again)."""
+    return {ONCE: key}
+
+
+ONCE = "versionfs_once"
+
+
+class _Once(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[Hashable] = set()
+        self._lock = threading.Lock()  # backends log from several threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = getattr(record, ONCE, None)
+        if key is None:
+            return True
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        return True
+
+
 class _JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"<{_PRIORITIES.get(record.levelno, 6)}>" + super().format(record)
@@ -37,6 +66,7 @@ def setup(debug: bool) -> None:
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Once())
     handler.addFilter(_Redact())
     root = logging.getLogger()
     root.handlers[:] = [handler]

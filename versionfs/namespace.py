@@ -21,6 +21,7 @@ from . import selectors
 from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, join, to_ns
 from .cache import BlockReader, Lru
 from .errors import FsError, enoent
+from .logs import once
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,6 @@ class Namespace:
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
-        self._unshown_images: set[str] = set()
         self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_SIZE)
         self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
 
@@ -500,9 +500,8 @@ class Namespace:
         why = "is another version's name" if name in self.by_name else "is too long" if len(name.encode()) > NAME_MAX else None
         if why is None:
             return name
-        if name not in self._unshown_images:
-            self._unshown_images.add(name)
-            log.warning("versions/%s is not shown: the name %s (reach the image by position or time: @<n>.h5)", name, why)
+        log.warning("versions/%s is not shown: the name %s (reach the image by position or time: @<n>.h5)", name, why,
+                    extra=once(("unshown-image", name)))
         return None
 
     async def image(self, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeFile:

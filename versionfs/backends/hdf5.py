@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__, journal
 from ..cache import DiskCache, Lru
 from ..errors import SourceError
+from ..logs import once
 from . import hdf5_image, hdf5_write, npy
 from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
@@ -96,7 +97,6 @@ class HDF5Backend:
         self._states: dict[str, Any] = {}  # dataset path -> what history compares
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
-        self._logged: set[str] = set()
         self._committed: dict[str, VersionInfo] = {}
 
     # -- versions ---------------------------------------------------------------
@@ -113,7 +113,7 @@ class HDF5Backend:
             try:
                 timestamp = parse_timestamp(attrs["timestamp"])
             except (KeyError, ValueError) as e:
-                self._log_once(f"version:{name}", "version %r has no valid timestamp (%s): not shown", name, e)
+                log.warning("version %r has no valid timestamp (%s): not shown", name, e, extra=once(f"version:{name}"))
                 continue
             previous = attrs.get("prev_version")
             infos[name] = VersionInfo(
@@ -221,17 +221,13 @@ class HDF5Backend:
     def _show(self, shown: str, wanted: str, path: str, notes: dict[str, Any]) -> str:
         if shown != wanted:
             notes["renamed"][f"{path}/{shown}".lstrip("/")] = f"{path}/{wanted}".lstrip("/")
-            self._log_once(f"rename:{path}/{wanted}", "%s/%s is shown as %s (name taken, reserved or too long)", path, wanted, shown)
+            log.warning("%s/%s is shown as %s (name taken, reserved or too long)", path, wanted, shown,
+                        extra=once(f"rename:{path}/{wanted}"))
         return shown
 
     def _hide(self, notes: dict[str, Any], path: str, why: str) -> None:
         notes["hidden"][path.lstrip("/")] = why
-        self._log_once(f"hide:{path}", "%s is not shown: %s", path, why)
-
-    def _log_once(self, key: str, msg: str, *args: Any) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(msg, *args)
+        log.warning("%s is not shown: %s", path, why, extra=once(f"hide:{path}"))
 
     # -- data -------------------------------------------------------------------
     def _dataset(self, h5path: str) -> h5py.Dataset:

@@ -36,11 +36,12 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..logs import once
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
 BUILDER = 2  # how images are built: a change that alters their bytes must raise it (stored images)
-_LOGGED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -371,9 +372,8 @@ class _Builder:
         return raw if isinstance(raw, h5py.Dataset) and raw.chunks is not None else None
 
     def _skip(self, what: str, why: str) -> None:
-        if what not in _LOGGED:  # once per daemon, however often the image is rebuilt
-            _LOGGED.add(what)
-            log.warning("%s is left out of the plain .h5 image: %s", what, why)
+        # once per daemon, however often the image is rebuilt
+        log.warning("%s is left out of the plain .h5 image: %s", what, why, extra=once(("image-skip", what)))
 
 
 def virtual_mapping(ds: h5py.Dataset) -> list[tuple[str, str, Any, Any]]:

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlparse
 
 from ..cache import DiskCache
 from ..errors import ConflictError, SourceError
+from ..logs import once
 from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,6 @@ class S3Backend:
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
-        self._logged: set[str] = set()
         self._listing_order: list[list[tuple[str, str]]] = []
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
         # The first request answers "can this be mounted at all?": a wrong endpoint
@@ -255,7 +255,7 @@ class S3Backend:
         for key, shown in sorted(self.view(instant).items()):
             parts = path_parts(key[len(self.prefix):])
             if parts is None:
-                self._log_once(key, "key %r is not a valid path: not shown", key)
+                log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
                 continue
             files.append((parts, shown))
             for i in range(1, len(parts)):
@@ -268,7 +268,7 @@ class S3Backend:
             parent = dirs[tuple(parts[:-1])]
             name = safe_name(parts[-1], "", set(parent.children))
             if name != parts[-1]:
-                self._log_once(shown.key, "key %r is shown as %r (the name is taken)", shown.key, name)
+                log.warning("key %r is shown as %r (the name is taken)", shown.key, name, extra=once(("s3-key", shown.key)))
             parent.children[name] = _file(shown)
         return root
 
@@ -302,7 +302,7 @@ class S3Backend:
     def _valid(self, directory: str, name: str) -> bool:
         key = join(directory, name)
         if path_parts(key) is None:
-            self._log_once(self.prefix + key, "key %r is not a valid path: not shown", self.prefix + key)
+            log.warning("key %r is not a valid path: not shown", self.prefix + key, extra=once(("s3-key", self.prefix + key)))
             return False
         return True
 
@@ -537,11 +537,6 @@ class S3Backend:
     def remove_version(self, version: ObjectVersion) -> None:
         """Delete one object version for good (compact only)."""
         self.client.delete_object(Bucket=self.bucket, Key=version.key, VersionId=version.version_id)
-
-    def _log_once(self, key: str, msg: str, *args: Any) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(msg, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
