@@ -10,9 +10,8 @@ from typing import Callable, Iterator, Sequence
 
 from . import __version__, logs
 from .control import request
-from .errors import UserError
+from .errors import EXIT_ERROR, UserError, exit_code
 
-EXIT_ERROR = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args)
     except UserError as e:
         print(f"versionfs: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_ERROR)
+        return exit_code(e)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - one clear line unless --debug

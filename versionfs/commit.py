@@ -20,28 +20,12 @@ from dataclasses import dataclass
 import trio
 
 from .backends.base import Change, Dir, File, Progress, find, join
-from .errors import ConflictError, UserError
+from .errors import CommitRefused, Conflict
 from .namespace import Namespace
 from .selectors import parse
 from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into
 
 log = logging.getLogger(__name__)
-
-
-class CommitRefused(UserError):
-    """The commit cannot be made as asked; staging is kept as it is."""
-
-    exit_code = 1
-
-
-class Conflict(ConflictError):
-    def __init__(self, base: str, latest: str, paths: list[str]):
-        lines = "\n".join(f"  {p}" for p in paths)
-        super().__init__(
-            f"conflict: changed in staging and also in {latest} since staging's base {base}:\n{lines}\n"
-            "staging is kept; discard it or undo those paths, then commit again"
-        )
-        self.paths = paths
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from .errors import UserError
+from .errors import ControlError, UserError, exit_code
 
 if TYPE_CHECKING:
     import trio
@@ -28,12 +28,6 @@ XATTR_CONTROL = "user.versionfs.control"
 MAX_REQUEST = 1 << 20
 
 Handler = Callable[..., Awaitable[Any]]
-
-
-class ControlError(UserError):
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def socket_path(mountpoint: str) -> str:
@@ -112,7 +106,7 @@ async def _answer(conn: "trio.socket.SocketType", handlers: dict[str, Handler]) 
                 args["progress"] = progress
             answer = {"ok": True, "result": await handler(**args)}
         except UserError as e:
-            answer = {"ok": False, "error": str(e), "exit": getattr(e, "exit_code", 1)}
+            answer = {"ok": False, "error": str(e), "exit": exit_code(e)}
         except Exception as e:  # noqa: BLE001 - the daemon outlives any request
             log.exception("control request failed")
             answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit": 1}

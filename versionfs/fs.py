@@ -1,8 +1,10 @@
 """The pyfuse3 adapter: inodes, handles and errno mapping over namespace nodes.
 
 It knows nothing of HDF5 or S3. Every handler goes through ``_guard``: an
-``FsError`` becomes its errno, and any other exception is logged once (with its
-traceback) and answered with EIO, so no handler can ever end the daemon.
+``FsError`` becomes its errno; any other exception is answered as
+``errors.classify`` says: a store's or the disk's condition with its errno and
+one log line, anything unexpected with EIO, logged once with its traceback. No
+handler can ever end the daemon.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
 
 import pyfuse3
 
-from .errors import FsError
+from .errors import FsError, classify
 from .logs import once
 from .namespace import Handle, Namespace, Node, mode_bits
 
@@ -35,8 +37,13 @@ def _guard(fn: F) -> F:
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception as e:  # noqa: BLE001 - the daemon must survive anything
-            self.report_failure(fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            failure = classify(e)
+            if failure.bug:
+                self.report_failure(fn.__name__, e)
+            else:  # the store's or the disk's condition, not a bug: one line, no traceback
+                log.log(failure.level, "%s: %s (%s)", fn.__name__, e, errno.errorcode.get(failure.errno, failure.errno),
+                        extra=once(("failure", fn.__name__, str(e))))
+            raise pyfuse3.FUSEError(failure.errno) from None
 
     return wrapper  # type: ignore[return-value]
 

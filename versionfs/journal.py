@@ -24,16 +24,14 @@ import hashlib
 import os
 import struct
 
+from .errors import FileBusy
+
 JOURNAL_SUFFIX = ".versionfs-journal"
 MAGIC = b"VFSJRNL1"
 TRAILER = b"END!"
 BLOCK = 4096
 _HEADER = struct.Struct("<8sQ")  # magic, original size
 _RECORD = struct.Struct("<QQ")  # offset, length
-
-
-class FileBusy(Exception):
-    """Another process holds the file's lock."""
 
 
 def journal_path(path: str) -> str:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import trio
 
 from .backends.base import Dir, File, find, join
-from .errors import FsError, enoent
+from .errors import FsError, classify, enoent
 from .namespace import Attr, Handle, Node, SHORT_TTL
 
 if TYPE_CHECKING:
@@ -284,12 +284,11 @@ def _local_errors(fn):
     async def wrapper(*args, **kwargs):
         try:
             return await fn(*args, **kwargs)
-        except OSError as e:
-            raise FsError(e.errno or errno.EIO, str(e)) from None
-        except sqlite3.OperationalError as e:
-            if "full" in str(e):
-                raise FsError(errno.ENOSPC, str(e)) from None
-            raise
+        except (OSError, sqlite3.OperationalError) as e:
+            failure = classify(e)
+            if failure.bug:
+                raise
+            raise FsError(failure.errno, str(e)) from None
 
     wrapper.__name__ = fn.__name__
     return wrapper

@@ -29,7 +29,7 @@ import numpy as np
 from h5py._hl.filters import guess_chunk
 from versioned_hdf5 import VersionedHDF5File
 
-from ..errors import UserError
+from ..errors import CommitError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 
 SLAB_BYTES = 64 << 20
 UTC = dt.timezone.utc
-
-
-class CommitError(UserError):
-    """Staged content the format cannot take; the message names the path."""
 
 
 def commit(path: str, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
