@@ -321,3 +321,97 @@ def test_an_edit_interrupted_by_a_crash_is_compared_in_full(src, mount):
     f, vf, v = library(src)
     with f:
         assert v["x"][500] == -9 and v["x"][499] == 499
+
+
+def test_a_path_keeps_what_versioned_hdf5_pinned_for_it(src, mount, tmp_path):
+    """versioned-hdf5 keeps a path's chunk shape, dtype and rank for ever once a
+    dataset existed there: shorter raw files, emptied ones, an rsync of a shorter
+    file and a path re-added with another size, dtype or rank all commit."""
+    m = mount(src)
+    staging = m.path / "staging"
+    notes, blob = os.urandom(1000), os.urandom(1 << 20)
+    (staging / "notes.bin").write_bytes(notes)
+    (staging / "blob.dat").write_bytes(blob)
+    commit(m, "-n", "r1")
+    (staging / "notes.bin").write_bytes(notes[:500])
+    (staging / "blob.dat").write_bytes(b"")
+    commit(m, "-n", "r2")
+    shorter = tmp_path / "shorter"
+    shorter.mkdir()
+    (shorter / "notes.bin").write_bytes(notes[:123])
+    subprocess.run(["rsync", "-a", f"{shorter}/", f"{staging}/"], check=True)
+    commit(m, "-n", "r3")
+    np.save(staging / "e.npy", np.arange(100.0))
+    commit(m, "-n", "r4")
+    os.unlink(staging / "e.npy")
+    commit(m, "-n", "r5")
+    np.save(staging / "e.npy", np.arange(5000.0))  # another size
+    commit(m, "-n", "r6")
+    os.unlink(staging / "e.npy")
+    commit(m, "-n", "r7")
+    e = np.arange(60, dtype="i2").reshape(6, 10)
+    np.save(staging / "e.npy", e)  # another dtype and rank: a new dataset
+    commit(m, "-n", "r8")
+    with open(staging / "e.npy", "r+b") as f:  # an edit in place of it
+        f.seek(-2, os.SEEK_END)
+        f.write(np.array([-7], dtype="i2").tobytes())
+    e[-1, -1] = -7
+    commit(m, "-n", "r9")
+    versions = m.path / "versions"
+    assert (versions / "r1/notes.bin").read_bytes() == notes and (versions / "r1/blob.dat").read_bytes() == blob
+    assert (versions / "r2/notes.bin").read_bytes() == notes[:500] and (versions / "r2/blob.dat").read_bytes() == b""
+    assert (versions / "r3/notes.bin").read_bytes() == notes[:123]
+    assert np.array_equal(np.load(versions / "r6/e.npy"), np.arange(5000.0))
+    assert not (versions / "r7/e.npy").exists()
+    for name in ("r8", "r9"):
+        got = np.load(versions / name / "e.npy")
+        assert got.dtype == np.int16 and got.shape == (6, 10)
+    assert np.array_equal(np.load(versions / "r9/e.npy"), e)
+    assert sorted(line.split("_")[0] for line in os.listdir(m.path / "history/e.npy")) == ["0000", "0001", "0002", "0003", "0004", "0005"]
+    f, vf, v = library(src, "r9")
+    with f:
+        assert vf["r2"]["notes.bin"][()].tobytes() == notes[:500]
+        assert np.array_equal(vf["r6"]["e"][()], np.arange(5000.0))
+        # The new dtype and rank are kept under an internal name, shown as e.npy.
+        [stored] = [n for n in v if n.startswith("e~")]
+        assert np.array_equal(v[stored][()], e) and v[stored].attrs["_versionfs_name"] == "e"
+
+
+def peak_rss(pid: int) -> int:
+    """The daemon's peak resident memory so far (bytes)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def sparse_commit_growth(src, mount, size: int) -> int:
+    """Peak memory a commit of a sparse raw file and a sparse .npy of ``size``
+    bytes each adds to the daemon; checks what was stored."""
+    m = mount(src)
+    with open(m.path / "staging/sparse.bin", "wb") as f:
+        f.truncate(size)
+        f.seek(size // 2)
+        f.write(b"middle")
+    array = np.lib.format.open_memmap(m.path / "staging/sparse.npy", mode="w+", dtype="f8", shape=(size // 8,))
+    array[size // 16] = 2.5
+    array.flush()
+    del array
+    before = peak_rss(m.pid)
+    commit(m, "-n", "sparse")
+    growth = peak_rss(m.pid) - before
+    with open(m.path / "latest/sparse.bin", "rb") as f:
+        f.seek(size // 2 - 1)
+        assert f.read(8) == b"\0middle\0" and os.fstat(f.fileno()).st_size == size
+    assert np.load(m.path / "latest/sparse.npy", mmap_mode="r")[size // 16] == 2.5
+    return growth
+
+
+def test_a_commit_s_memory_is_bounded_whatever_the_file_size(src, mount):
+    growth = sparse_commit_growth(src, mount, 256 << 20)
+    assert growth < 200 << 20, growth  # two 256 MiB files went through it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_commit_of_2_gib_stays_within_its_slab(src, mount):
+    growth = sparse_commit_growth(src, mount, 2 << 30)
+    assert growth < 300 << 20, growth

@@ -127,3 +127,79 @@ def test_dedup_writes_only_changed_chunks(tmp_path, mount):
     with h5py.File(source, "r") as f:
         v = VersionedHDF5File(f)["one-percent"]
         assert (v["x"][()] == x).all()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB file system of its own (tmpfs; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def free_bytes(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.mark.parametrize("short, step", [(56, 8), pytest.param(128, 2, marks=[pytest.mark.slow, pytest.mark.timeout(1800)])])
+def test_a_full_disk_leaves_the_mount_as_it_was(small_disk, tmp_path, mount, short, step):
+    """Commits into a file whose disk has less room than they need, a few KiB more
+    each time (so the disk fills while data is appended, while metadata is, while
+    the journal is written): each fails with one line, the mount and the file stay
+    as they were, staging is kept; the first commit with room succeeds, no remount."""
+    from versionfs.backends import hdf5_write
+    from versionfs.backends.base import Change
+    from versionfs.backends.hdf5 import HDF5Backend
+
+    def v1_small(g):
+        g.create_dataset("x", data=np.arange(200_000, dtype="f8"), chunks=(16_384,))
+
+    data = np.random.default_rng(5).standard_normal(1_000_000)  # 8 MiB to append
+    np.save(tmp_path / "big.npy", data)
+    (tmp_path / "note.txt").write_text("a note\n")
+    # How much this commit grows the file: the same commit, on a copy on a big disk.
+    trial = make_versions(tmp_path / "trial.h5", v1_small)
+    before = os.path.getsize(trial)
+    backend = HDF5Backend(str(trial))
+    changes = [Change("big.npy", "file", local=str(tmp_path / "big.npy")), Change("note.txt", "file", local=str(tmp_path / "note.txt"))]
+    backend.commit("v1", changes, "full", None, backend.tree("v1"))
+    backend.close()
+    growth = os.path.getsize(trial) - before
+
+    source = make_versions(small_disk / "f.h5", v1_small)
+    original = source.read_bytes()
+    m = mount(source)
+    staging = m.path / "staging"
+    np.save(staging / "big.npy", data)
+    (staging / "note.txt").write_text("a note\n")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, free_bytes(small_disk) - growth + short * 1024)
+    failures = 0
+    while True:
+        result = run_versionfs("commit", str(m.path), "-n", "full")
+        if result.returncode == 0:
+            break
+        failures += 1
+        assert result.returncode == 1 and "No space left on device" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert source.read_bytes() == original  # the file is as it was
+        assert not os.path.exists(str(source) + ".versionfs-journal")
+        assert sorted(os.listdir(m.path)) == ["history", "latest", "latest.h5", "staging", "versions"]
+        assert sorted(os.listdir(m.path / "versions")) == ["__first_version__", "__first_version__.h5", "v1", "v1.h5"]
+        assert np.load(m.path / "latest/x.npy")[-1] == 199_999
+        assert sorted(run_versionfs("status", str(m.path)).stdout.split()) == ["A", "A", "big.npy", "note.txt"]
+        assert failures < 2 * short // step
+        os.truncate(filler, max(0, os.path.getsize(filler) - step * 1024))  # a little more room
+    assert failures >= short // step // 2  # it did fail at many instants before there was room
+    assert np.array_equal(np.load(m.path / "latest/big.npy"), data)
+    assert (m.path / "latest/note.txt").read_text() == "a note\n"
+    assert run_versionfs("status", str(m.path)).stdout == ""
+    assert "answering EIO" not in m.log
+    with h5py.File(source, "r") as f:
+        assert np.array_equal(VersionedHDF5File(f)["full"]["big"][()], data)

@@ -8,6 +8,7 @@ is a distinct crash point. The parent then runs recovery and checks the file.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from versioned_hdf5 import VersionedHDF5File
 
+from conftest import run_versionfs
 from helpers import make_versions
 from versionfs import journal
 
@@ -167,3 +169,62 @@ def test_a_second_writer_is_refused(original, tmp_path):
             h5py.File(path, "r+")
     finally:
         jf.abort()
+
+
+def leftover_journal(original, tmp_path, total_calls, name: str):
+    """A copy of the original file whose commit was killed halfway: its journal is left."""
+    path = tmp_path / name
+    shutil.copy(original, path)
+    k = total_calls // 2
+    assert run_child(path, k).returncode == -9
+    assert os.path.exists(journal.journal_path(str(path)))
+    return path
+
+
+@pytest.mark.parametrize("how", ["copied over", "moved over"])
+def test_a_journal_is_never_rolled_back_into_another_file(original, total_calls, tmp_path, how):
+    path = leftover_journal(original, tmp_path, total_calls, "f.h5")
+    other = make_versions(tmp_path / "other.h5", lambda g: g.create_dataset("w", data=np.arange(3000)),
+                          lambda g: g["w"].__setitem__(0, 7))
+    if how == "copied over":
+        shutil.copyfile(other, path)  # the same inode, other content
+    else:
+        shutil.copyfile(other, tmp_path / "tmp.h5")
+        os.replace(tmp_path / "tmp.h5", path)
+    before, journal_bytes = path.read_bytes(), open(journal.journal_path(str(path)), "rb").read()
+    with pytest.raises(journal.JournalRefused, match="does not belong"):
+        journal.recover(str(path))
+    result = run_versionfs("log", str(path))
+    assert result.returncode == 1 and "journal" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert path.read_bytes() == before  # both files as they were
+    assert open(journal.journal_path(str(path)), "rb").read() == journal_bytes
+    with h5py.File(path, "r") as f:
+        assert sorted(VersionedHDF5File(f)._versions) == ["__first_version__", "v1", "v2"]
+
+
+def test_a_journal_record_outside_the_file_is_refused(original, tmp_path):
+    path = tmp_path / "f.h5"
+    shutil.copy(original, path)
+    before = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    identity = journal.Identity.of(fd, str(path))  # the right file: only the record is wrong
+    os.close(fd)
+    head = identity.head
+    for records in ([(2**40, b"x" * 10)], [(4096, b"x" * 10), (0, b"y")], [(identity.size - 5, b"z" * 10)]):
+        with open(journal.journal_path(str(path)), "wb") as j:
+            j.write(journal.complete(identity, records, 10, head))  # a valid checksum
+        with pytest.raises(journal.JournalRefused):
+            journal.recover(str(path))
+        assert path.read_bytes() == before
+    os.unlink(journal.journal_path(str(path)))
+
+
+def test_a_journal_cut_short_at_its_creation_is_dropped(original, tmp_path):
+    path = tmp_path / "f.h5"
+    shutil.copy(original, path)
+    before = path.read_bytes()
+    with open(journal.journal_path(str(path)), "wb") as j:
+        j.write(journal.MAGIC[:5])  # the commit died writing its first bytes: nothing else happened
+    assert journal.recover(str(path))
+    assert path.read_bytes() == before and not os.path.exists(journal.journal_path(str(path)))

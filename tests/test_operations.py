@@ -202,11 +202,18 @@ def test_status_says_health_and_what_is_staged(src, mount):
 def test_progress_bar_on_a_terminal(src, mount):
     m = mount(src)
     (m.path / "staging/a.bin").write_bytes(b"a")
+    with open(m.path / "staging/big.bin", "wb") as f:  # one big file: its bytes are seen going
+        for _ in range(12):
+            f.write(os.urandom(16 << 20))
     command = shlex.join([*VERSIONFS, "commit", str(m.path)])
     # A terminal of a real size (script gives 0x0, on which tqdm draws nothing).
-    result = subprocess.run(["script", "-qec", f"stty cols 100 rows 30; {command}", "/dev/null"], capture_output=True, text=True)
+    result = subprocess.run(["script", "-qec", f"stty cols 120 rows 30; {command}", "/dev/null"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "commit" in result.stdout and "change" in result.stdout  # tqdm drew on the terminal
+    assert "commit" in result.stdout and "/2 files" in result.stdout and "B/s" in result.stdout  # tqdm drew
+    assert any(0 < int(p) < 100 for p in re.findall(r"(\d+)%\|", result.stdout)), result.stdout  # on the way
+    (m.path / "staging/b.bin").write_bytes(b"b")
+    result = run_versionfs("commit", str(m.path))  # not a terminal: nothing on stderr
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def test_stop_waits_for_a_running_commit(tmp_path, mount):

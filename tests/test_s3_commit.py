@@ -116,6 +116,36 @@ def test_writes_are_conditional(ministack_endpoint, kind):
     os.unlink(local)
 
 
+def test_a_store_that_ignores_a_condition_loses_no_update(moto_endpoint, tmp_path):
+    """moto ignores If-Match and If-None-Match on CompleteMultipartUpload: the
+    commit finds its version on top of another writer's, removes it again and
+    reports the conflict; the other writer's version is current once more."""
+    s3 = make_client(moto_endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"base")
+    backend = S3Backend(f"s3://{bucket}", moto_endpoint)
+    backend.versions()
+    base = backend.tree(backend.current())
+    s3.put_object(Bucket=bucket, Key="k", Body=b"theirs")  # after staging's base was read
+    s3.put_object(Bucket=bucket, Key="fresh", Body=b"theirs too")  # a key someone created meanwhile
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(os.urandom((64 << 20) + 5))  # over the multipart threshold
+    small.write_bytes(os.urandom(6 << 20))
+    backend.multipart_threshold, backend.part_size = 5 << 20, 5 << 20  # the small one in parts too
+    from versionfs.backends.base import Change
+
+    changes = [Change("k", "file", local=str(big)), Change("fresh", "file", local=str(small)),
+               Change("other", "file", local=str(small))]
+    with pytest.raises(ConflictError) as e:
+        backend.commit(None, changes, None, None, base)
+    assert "k" in str(e.value) and "fresh" in str(e.value) and "already written (1): other" in str(e.value)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"theirs"
+    assert s3.get_object(Bucket=bucket, Key="fresh")["Body"].read() == b"theirs too"
+    assert len(versions_of(s3, bucket, "k")) == 2 and len(versions_of(s3, bucket, "fresh")) == 1  # ours are gone
+    assert s3.get_object(Bucket=bucket, Key="other")["Body"].read() == small.read_bytes()
+    backend.close()
+
+
 def test_two_daemons_on_one_prefix(endpoint, mount):
     s3 = make_client(endpoint)
     bucket = make_versioned_bucket(s3)

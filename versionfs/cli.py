@@ -134,17 +134,20 @@ def _health_line(health: dict) -> str:
 
 
 @contextlib.contextmanager
-def _progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+def _progress_bar(what: str) -> Iterator[Callable[[int, int, int, int], None] | None]:
+    """Bytes done with rate and ETA, and files, on stderr when it is a terminal;
+    nothing otherwise."""
     if not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(desc=what, unit="change", leave=False, file=sys.stderr) as bar:
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
+    with tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def update(files_done: int, files: int, bytes_done: int, nbytes: int) -> None:
+            bar.total = nbytes
+            bar.set_postfix_str(f"{files_done}/{files} files", refresh=False)
+            bar.update(bytes_done - bar.n)  # through update(), so tqdm keeps a rate
             bar.refresh()
 
         yield update

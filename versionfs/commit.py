@@ -181,9 +181,11 @@ class Committer:
 
     async def commit(self, name: str | None = None, message: str | None = None, progress: Progress | None = None) -> str | None:
         """The new version's name, or None when staging equals the latest version."""
-        async with self.overlay.lock:
-            name = await self._commit_locked(name, message, progress)
-        self.ns.notify_changed()
+        try:
+            async with self.overlay.lock:
+                name = await self._commit_locked(name, message, progress)
+        finally:
+            self.ns.notify_changed()  # a failed commit to a store without transactions (S3) may have written some
         return name
 
     async def _commit_locked(self, name: str | None, message: str | None, progress: Progress | None = None) -> str | None:
@@ -219,6 +221,11 @@ class Committer:
             name = await self.ns.worker.run(self.ns.backend.commit, latest_name, changes, name, message, latest_tree, progress)
         except BaseException:
             store.set_meta("committing", None)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.ns.reload()  # show what the store holds now
+                except Exception as e:  # noqa: BLE001 - the commit's own error is the one to report
+                    log.warning("after a failed commit, the versions could not be listed again: %s", e)
             raise
         await self.ns.reload()
         await self.overlay.reset(name)  # also clears the "committing" record, atomically

@@ -89,9 +89,9 @@ async def _answer(conn: "trio.socket.SocketType", handlers: dict[str, Handler]) 
         except trio.ClosedResourceError:
             pass  # a report that came after the answer
 
-    def progress(done: int, total: int) -> None:
+    def progress(*values: int) -> None:
         """Callable from any thread (the worker reports from inside a commit)."""
-        token.run_sync_soon(post, {"progress": [done, total]})
+        token.run_sync_soon(post, {"progress": list(values)})
 
     async def run() -> None:
         try:
@@ -135,9 +135,10 @@ async def _read_line(stream: "trio.SocketStream") -> bytes:
     return data
 
 
-def request(mountpoint: str, op: str, on_progress: Callable[[int, int], None] | None = None, **args: Any) -> Any:
+def request(mountpoint: str, op: str, on_progress: Callable[..., None] | None = None, **args: Any) -> Any:
     """Send one request to the daemon of ``mountpoint``; its result, or ControlError.
-    Progress reports on the way go to ``on_progress(done, total)``."""
+    Progress reports on the way go to ``on_progress(*values)`` (a commit's: files
+    done, files, bytes done, bytes)."""
     try:
         path = os.fsdecode(os.getxattr(mountpoint, XATTR_CONTROL))
     except OSError:

@@ -64,6 +64,11 @@ class FileBusy(Exception):
     """Another process holds the file's lock."""
 
 
+class JournalRefused(SourceError):
+    """A leftover commit journal that does not belong to the file as it is now:
+    nothing is rolled back (journal.py)."""
+
+
 class FsError(Exception):
     """A file-system answer other than success: carries the errno to return."""
 

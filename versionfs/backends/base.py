@@ -61,7 +61,8 @@ class Dir:
 
 
 Entry = Union[File, Dir]
-Progress = Callable[[int, int], None]
+# A commit's progress: (files done, files in all, bytes done, bytes in all).
+Progress = Callable[[int, int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Backend(Protocol):
                parent_tree: Dir, progress: Progress | None = None) -> str:
         """Make ``changes`` on top of version ``parent`` a new version and return
         its name (``name``, where the backend names versions), reporting
-        ``progress(done, total)`` in changes."""
+        ``progress(files_done, files, bytes_done, bytes)`` as it goes."""
 
     def close(self) -> None: ...
 

@@ -24,8 +24,8 @@ from ..errors import SourceError
 from ..logs import once
 from . import hdf5_image, hdf5_write, npy
 from ..selectors import format_utc
-from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
-                          RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef, attr_to_json,
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, NAME_ATTR,
+                          RAW_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef, attr_to_json,
                           file_kind, parse_timestamp, user_attrs)
 from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
                    join, safe_name, to_ns, version_json)
@@ -76,6 +76,14 @@ def open_file(path: str) -> h5py.File:
         f.close()
         raise
     return f
+
+
+def _shown_name(ds: h5py.Dataset, name: str) -> str:
+    """A dataset's name as shown: the one it stands for if the writer had to store
+    it under an internal name (hdf5_write: a path keeps its dtype and rank)."""
+    stored = ds.attrs.get(NAME_ATTR)
+    stored = stored.decode("utf-8", "surrogateescape") if isinstance(stored, bytes) else stored
+    return stored if isinstance(stored, str) and stored and "/" not in stored else name
 
 
 class HDF5Backend:
@@ -188,6 +196,7 @@ class HDF5Backend:
                 self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
                 continue
             ext = EXTENSIONS[kind]
+            name = _shown_name(obj, name)
             shown = self._show(safe_name(name, ext, taken, RESERVED_NAMES), name + ext, path, notes)
             taken.add(shown)
             node.children[shown] = self._file(obj, kind, mtime)

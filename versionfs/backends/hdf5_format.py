@@ -20,8 +20,9 @@ TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FM
 RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
 MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
 MTIME_ATTR = "_versionfs_mtime_ns"  # the mtime a file had when it was committed
+NAME_ATTR = "_versionfs_name"  # the name a dataset stored under an internal name stands for (hdf5_write)
 # Attributes the format (or versionfs) uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR})
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR, NAME_ATTR})
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})

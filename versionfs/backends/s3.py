@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,9 @@ class S3Backend:
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
+    commit_parallel = 16  # writes of a commit in flight at once
+    multipart_threshold = MULTIPART_THRESHOLD  # larger files are uploaded in parts
+    part_size = PART_SIZE
 
     def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
         import boto3
@@ -115,9 +119,11 @@ class S3Backend:
         # Transient errors (5xx, throttling, resets) are retried with backoff;
         # AWS_MAX_ATTEMPTS, botocore's own setting, still overrides the count.
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"},
+                        max_pool_connections=PARALLEL_GETS * 2 + self.commit_parallel)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
+        self._commit_pool: ThreadPoolExecutor | None = None  # made by the first commit
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
@@ -397,39 +403,150 @@ class S3Backend:
     # -- commits ------------------------------------------------------------------------
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:
-        """Write the changes as new object versions and delete markers. Every write
-        is conditional on what staging's base had (If-Match its ETag, or
-        If-None-Match for a new key): another writer's change is a conflict."""
-        written: list[str] = []
+        """Write the changes as new object versions and delete markers, many at a
+        time (``commit_parallel``), each retried by botocore on its own.
+
+        Every write is conditional on what staging's base had (If-Match its ETag,
+        or If-None-Match for a new key): another writer's change is a conflict.
+        Stores that ignore a condition (moto on CompleteMultipartUpload, older
+        MinIO and Ceph) are caught after the writes: the version just below each
+        one written must be the base's; where it is not, ours is removed again
+        (the other writer's is current once more) and the commit is a conflict.
+
+        Order (a crash between two steps leaves a state some staging shows):
+        deletes that make room for a file where a directory was (or the
+        reverse), then uploads and copies, then the other deletes (so a rename's
+        source goes only once its copy is there)."""
+        writes = self._plan(changes, parent_tree)
+        meter = _Meter(len(writes), sum(w.size for w in writes), progress)
         metadata = {MESSAGE_META: quote(message)} if message else {}
-        try:
-            for done, change in enumerate(changes):
-                if progress is not None:
-                    progress(done, len(changes))
-                base = find(parent_tree, change.path)
-                if change.kind == "dir":
-                    continue  # S3 has no directories: an empty one is not stored
-                if change.kind == "delete":
-                    targets = _files_below(base) if isinstance(base, Dir) else [base] if isinstance(base, File) else []
-                    for entry in targets:
-                        self._delete(entry.ref)
-                        written.append(entry.ref.key)
-                    continue
-                key = base.ref.key if isinstance(base, File) else self.prefix + change.path
-                base_ref = base.ref if isinstance(base, File) else None
-                if change.local is not None:
-                    self._upload(key, change.local, base_ref, metadata)
-                else:
-                    source = find(parent_tree, change.base_path or "")
-                    assert isinstance(source, File)
-                    self._copy(key, source.ref, base_ref)
-                written.append(key)
-        except ConflictError as e:
-            raise ConflictError(f"{e}{_written_note(written)}") from None
-        except Exception as e:
-            raise SourceError(f"commit failed: {e}{_written_note(written)}") from None
-        self.versions()
+        blockers = [w for w in writes if w.kind == "delete" and any(_clash(w.key, o.key) for o in writes if o.kind != "delete")]
+        puts = [w for w in writes if w.kind != "delete"]
+        rest = [w for w in writes if w.kind == "delete" and w not in blockers]
+        failed = None
+        for phase in (blockers, puts, rest):
+            failed = self._run(phase, lambda w: self._write(w, metadata, meter))
+            if failed is not None:
+                break
+        self.versions()  # a fresh listing: what the store holds now
+        self._settle(writes)
+        written = [w.key for w in writes if w.version_id is not None]
+        conflicts = [w.key for w in writes if w.conflict]
+        if conflicts:
+            raise ConflictError(f"changed by another writer since staging's base: {', '.join(conflicts)}"
+                                f"{_written_note(written)}")
+        if failed is not None and len(written) < len(writes):  # else every answer lost was a write that happened
+            error = next((w.error for w in writes if w.error is not None), failed)
+            raise SourceError(f"commit failed: {error}{_written_note(written)}")
         return self.current() or ""
+
+    def _plan(self, changes: list[Change], tree: Dir) -> list["Write"]:
+        writes: dict[str, Write] = {}
+        deletes: dict[str, Write] = {}
+        for change in changes:
+            base = find(tree, change.path)
+            if change.kind == "dir":
+                continue  # S3 has no directories: an empty one is not stored
+            if change.kind == "delete":
+                targets = _files_below(base) if isinstance(base, Dir) else [base] if isinstance(base, File) else []
+                for entry in targets:
+                    deletes[entry.ref.key] = Write(entry.ref.key, "delete", entry.ref)
+                continue
+            key = base.ref.key if isinstance(base, File) else self.prefix + change.path
+            base_ref = base.ref if isinstance(base, File) else None
+            if change.local is not None:
+                writes[key] = Write(key, "put", base_ref, local=change.local, size=os.path.getsize(change.local))
+            else:
+                source = find(tree, change.base_path or "")
+                assert isinstance(source, File)
+                writes[key] = Write(key, "copy", base_ref, source=source.ref)
+        return list(writes.values()) + [d for k, d in deletes.items() if k not in writes]
+
+    def _run(self, writes: list["Write"], do: Any) -> BaseException | None:
+        """``do(write)`` for each, ``commit_parallel`` at a time; after the first
+        failure no new one starts. The first failure, if any."""
+        if not writes:
+            return None
+        first: list[BaseException] = []
+        pool = self._writer_pool()
+        futures = {pool.submit(self._guarded, do, w, first): w for w in writes}
+        for future in futures:
+            future.result()
+        return first[0] if first else None
+
+    @staticmethod
+    def _guarded(do: Any, write: "Write", first: list[BaseException]) -> None:
+        if first:
+            return  # something failed: start nothing new
+        try:
+            do(write)
+        except ConflictError:
+            write.conflict = True
+        except Exception as e:  # noqa: BLE001 - reported with what was written
+            write.error = e
+            first.append(e)
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._commit_pool is None:
+            self._commit_pool = ThreadPoolExecutor(self.commit_parallel, thread_name_prefix="versionfs-s3-commit")
+        return self._commit_pool
+
+    def _write(self, w: "Write", metadata: dict[str, str], meter: "_Meter") -> None:
+        if w.kind == "delete":
+            w.version_id = self._delete(w.base)
+        elif w.kind == "copy":
+            w.version_id, w.etag = self._copy(w.key, w.source, w.base)
+        else:
+            w.version_id = self._upload(w, metadata, meter)
+        meter.done(w.size if w.kind != "put" or w.size <= self.multipart_threshold else 0)
+
+    def _settle(self, writes: list["Write"]) -> None:
+        """Check each write against the fresh listing: find ours where the answer
+        was lost, and take ours back where it does not sit on staging's base."""
+        removed = False
+        for w in writes:
+            versions = self._by_key.get(w.key, [])
+            if w.version_id is None and (w.conflict or w.error is not None) and versions:
+                # A retried conditional write fails once its first try got through;
+                # a lost answer hides a write that happened: is the newest ours?
+                if self._looks_ours(w, versions[0]) and self._sits_on_base(w, versions[1:]):
+                    w.version_id, w.conflict = versions[0].version_id, False
+                    w.error = None
+                continue
+            if w.version_id is None:
+                continue
+            position = next((i for i, v in enumerate(versions) if v.version_id == w.version_id), None)
+            if position is None:
+                continue  # not listed (yet): nothing to check it against
+            if not self._sits_on_base(w, versions[position + 1:]):
+                log.warning("%s: written on top of another writer's version (the store ignored the condition): "
+                            "removing ours again", w.key)
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=w.key, VersionId=w.version_id)
+                    w.version_id = None
+                except Exception as e:  # noqa: BLE001 - said in the message
+                    log.warning("%s: could not remove our version %s: %s", w.key, w.version_id, e)
+                w.conflict = removed = True
+        if removed:
+            self.versions()
+
+    def _sits_on_base(self, w: "Write", below: list[ObjectVersion]) -> bool:
+        """Whether the versions below one of ours start with what staging's base had
+        (identical copies of ours in between are skipped: a retried write)."""
+        while below and w.kind == "put" and not below[0].deleted and self._looks_ours(w, below[0]) and \
+                (w.base is None or below[0].version_id != w.base.version_id):
+            below = below[1:]
+        under = below[0] if below else None
+        if w.base is None:
+            return under is None or under.deleted
+        return under is not None and under.version_id == w.base.version_id
+
+    @staticmethod
+    def _looks_ours(w: "Write", version: ObjectVersion) -> bool:
+        if w.kind == "delete":
+            return version.deleted
+        expected = w.etag or (w.source.etag if w.source is not None else None)
+        return not version.deleted and bool(expected) and (version.etag or "").strip('"') == expected.strip('"')
 
     @staticmethod
     def _condition(base: S3Ref | None) -> dict[str, str]:
@@ -446,37 +563,46 @@ class S3Backend:
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
                 raise ConflictError(f"{key}: changed by another writer since staging's base") from None
 
-    def _upload(self, key: str, local: str, base: S3Ref | None, metadata: dict[str, str]) -> None:
+    def _upload(self, w: "Write", metadata: dict[str, str], meter: "_Meter") -> str | None:
+        """Upload a staged file; its VersionId. ``w.etag`` is set before the
+        request goes out (a lost answer is recognised by it)."""
+        key, local, base = w.key, w.local, w.base
         size = os.path.getsize(local)
-        sha256 = file_digests(local)["sha256"]
-        meta = {**metadata, SHA_META: sha256}
+        digests = file_digests(local)
+        meta = {**metadata, SHA_META: digests["sha256"]}
         try:
-            if size <= MULTIPART_THRESHOLD:
+            if size <= self.multipart_threshold:
+                w.etag = digests["md5"]
                 # The store checks the SHA-256 too: a corrupted upload is refused.
-                checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+                checksum = base64.b64encode(bytes.fromhex(digests["sha256"])).decode()
                 with open(local, "rb") as f:
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta, ChecksumSHA256=checksum,
-                                           **self._condition(base))
-            else:
-                self._multipart(key, local, size, meta, base)
+                    answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta,
+                                                    ChecksumSHA256=checksum, **self._condition(base))
+                return answer.get("VersionId")
+            return self._multipart(w, size, meta, meter)
         except Exception as e:
             self._conflict(e, key)
             raise
 
-    def _multipart(self, key: str, local: str, size: int, meta: dict[str, str], base: S3Ref | None) -> None:
+    def _multipart(self, w: "Write", size: int, meta: dict[str, str], meter: "_Meter") -> str | None:
+        key, local, base = w.key, w.local, w.base
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta)["UploadId"]
+        part_size = self.part_size
         try:
             def part(number: int) -> dict[str, Any]:
                 with open(local, "rb") as f:
-                    f.seek((number - 1) * PART_SIZE)
-                    body = f.read(PART_SIZE)
+                    f.seek((number - 1) * part_size)
+                    body = f.read(part_size)
                 answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=body)
-                return {"PartNumber": number, "ETag": answer["ETag"]}
+                meter.add(len(body))
+                return {"PartNumber": number, "ETag": answer["ETag"], "md5": hashlib.md5(body).digest()}
 
-            parts = list(self._pool.map(part, range(1, -(-size // PART_SIZE) + 1)))
-            self.client.complete_multipart_upload(
+            parts = list(self._pool.map(part, range(1, -(-size // part_size) + 1)))
+            w.etag = f"{hashlib.md5(b''.join(p.pop('md5') for p in parts)).hexdigest()}-{len(parts)}"
+            answer = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, **self._condition(base)
             )
+            return answer.get("VersionId")
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
@@ -484,10 +610,10 @@ class S3Backend:
                 pass
             raise
 
-    def _copy(self, key: str, source: S3Ref, base: S3Ref | None) -> None:
+    def _copy(self, key: str, source: S3Ref, base: S3Ref | None) -> tuple[str | None, str]:
         """A rename without edits: a copy made by the store itself."""
         try:
-            self.client.copy_object(
+            answer = self.client.copy_object(
                 Bucket=self.bucket, Key=key,
                 CopySource={"Bucket": self.bucket, "Key": source.key, "VersionId": source.version_id},
                 **self._condition(base),
@@ -495,17 +621,20 @@ class S3Backend:
         except Exception as e:
             self._conflict(e, key)
             raise
+        return answer.get("VersionId"), (answer.get("CopyObjectResult", {}).get("ETag") or source.etag or "").strip('"')
 
-    def _delete(self, ref: S3Ref) -> None:
-        """A delete marker, only if the key still holds what staging's base had."""
+    def _delete(self, ref: S3Ref) -> str | None:
+        """A delete marker, only if the key still holds what staging's base had;
+        the marker's VersionId."""
         try:
             if ref.etag:
-                self.client.delete_object(Bucket=self.bucket, Key=ref.key, IfMatch=ref.etag)
+                answer = self.client.delete_object(Bucket=self.bucket, Key=ref.key, IfMatch=ref.etag)
             else:
-                self.client.delete_object(Bucket=self.bucket, Key=ref.key)
+                answer = self.client.delete_object(Bucket=self.bucket, Key=ref.key)
         except Exception as e:
             self._conflict(e, ref.key)
             raise
+        return answer.get("VersionId")
 
     # -- compact -----------------------------------------------------------------------
     def duplicates(self) -> list[tuple[ObjectVersion, ObjectVersion]]:
@@ -540,7 +669,49 @@ class S3Backend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        if self._commit_pool is not None:
+            self._commit_pool.shutdown(wait=False)
         self._cache_writer.shutdown(wait=True)  # what was read stays cached
+
+
+@dataclass(eq=False)
+class Write:
+    """One key a commit writes, and what became of it."""
+
+    key: str
+    kind: str  # "put", "copy" or "delete"
+    base: S3Ref | None  # what staging's base had at the key (None: nothing live)
+    local: str | None = None  # put: the staged file
+    source: S3Ref | None = None  # copy: the object version copied
+    size: int = 0
+    version_id: str | None = None  # ours, once it is in the store
+    etag: str | None = None  # the ETag ours gets
+    conflict: bool = False
+    error: BaseException | None = None
+
+
+class _Meter:
+    """Progress of a commit, from the threads that write (``Progress``)."""
+
+    def __init__(self, files: int, nbytes: int, report: Progress | None):
+        self.files, self.nbytes, self.report = files, nbytes, report
+        self.files_done = self.bytes_done = 0
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        self.done(nbytes, files=0)
+
+    def done(self, nbytes: int, files: int = 1) -> None:
+        with self.lock:
+            self.files_done += files
+            self.bytes_done += nbytes
+            if self.report is not None:
+                self.report(self.files_done, self.files, min(self.bytes_done, self.nbytes), self.nbytes)
+
+
+def _clash(a: str, b: str) -> bool:
+    """Whether one key is "below" the other (a file where a directory was)."""
+    return a.startswith(b + "/") or b.startswith(a + "/")
 
 
 @dataclass(frozen=True)
