@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
                           RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef, attr_to_json,
                           file_kind, parse_timestamp, user_attrs)
-from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
+from .base import (Change, Dir, Execution, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
                    join, safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,14 @@ def open_file(path: str) -> h5py.File:
 
 
 class HDF5Backend:
-    """Versions of one versioned-HDF5 file (see the module docstring)."""
+    """Versions of one versioned-HDF5 file (see the module docstring).
 
+    Metadata calls run one at a time on one thread (h5py serialises every call
+    anyway). Reads run on threads of their own: what they need of h5py they do
+    under ``_lock`` (a commit holds it throughout: it closes and reopens the
+    file), and chunks they read straight from the file need no lock at all."""
+
+    execution = Execution(serial=True, reads=4)
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
@@ -98,6 +105,7 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._committed: dict[str, VersionInfo] = {}
+        self._lock = threading.RLock()  # h5py's file and these caches, for reads beside metadata calls
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
@@ -330,18 +338,22 @@ class HDF5Backend:
             version, address)))
 
     def file_size(self, ref: Any) -> int:
-        if isinstance(ref, ImageRef):
-            return self._image(ref.version).size
-        return len(self._text(ref))
+        with self._lock:
+            if isinstance(ref, ImageRef):
+                return self._image(ref.version).size
+            return len(self._text(ref))
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         if isinstance(ref, ImageRef):
-            return self._image(ref.version).read(self._fd, offset, length)
-        if isinstance(ref, TextRef):
-            return self._text(ref)[offset : offset + length]
-        if isinstance(ref, RawRef):
-            return self._dataset(ref.h5path)[offset : offset + length].tobytes()
-        return self._read_npy(ref, offset, length)
+            with self._lock:
+                image = self._image(ref.version)
+            return image.read(self._fd, offset, length)
+        with self._lock:
+            if isinstance(ref, TextRef):
+                return self._text(ref)[offset : offset + length]
+            if isinstance(ref, RawRef):
+                return self._dataset(ref.h5path)[offset : offset + length].tobytes()
+            return self._read_npy(ref, offset, length)
 
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         return compare_by_reading(self, entry, local, written)
@@ -356,16 +368,17 @@ class HDF5Backend:
                parent_tree: Dir, progress: Progress | None = None) -> str:
         # The read handle holds a shared lock and h5py cannot have the file open
         # twice in different modes: close it for the commit, reopen after.
-        self._close_file()
-        try:
-            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
-        finally:
-            self.f = open_file(self.path)
-            # Images are rebuilt from the file as it is now (same bytes: an image
-            # depends on content, not on where the raw chunks sit).
-            self._images.clear()
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._lock:
+            self._close_file()
+            try:
+                hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
+            finally:
+                self.f = open_file(self.path)
+                # Images are rebuilt from the file as it is now (same bytes: an image
+                # depends on content, not on where the raw chunks sit).
+                self._images.clear()
+        # self._fd stays: a commit writes the same file in place, and raw chunks
+        # never move, so reads under way beside it stay right.
         return name
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:

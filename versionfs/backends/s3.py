@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from urllib.parse import quote, urlparse
 from ..cache import DiskCache
 from ..errors import ConflictError, SourceError
 from ..logs import once
-from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
+from .base import NAME_MAX, Change, Dir, Execution, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -99,14 +100,19 @@ def path_parts(relative_key: str) -> list[str] | None:
 
 
 class S3Backend:
-    """Versions of one prefix (see the module docstring)."""
+    """Versions of one prefix (see the module docstring). Every call may run
+    beside any other (boto3 clients are thread-safe; a listing's state is
+    replaced whole), so a store that does not answer holds up only the calls
+    that wait on it."""
 
+    execution = Execution(serial=False, reads=32)
     names_versions = False  # a version is the instant of its writes
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
 
-    def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
+    def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None,
+                 store_timeout: float = 30.0):
         import boto3
         from botocore.config import Config
 
@@ -121,7 +127,7 @@ class S3Backend:
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
-        self._listing_order: list[list[tuple[str, str]]] = []
+        self._listing = threading.local()  # per thread: the XML order of the listing under way
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
         # The first request answers "can this be mounted at all?": a wrong endpoint
         # or a missing bucket is said in seconds, not after ten retries.
@@ -162,12 +168,12 @@ class S3Backend:
                 key = element.findtext("{*}Key")
                 version_id = element.findtext("{*}VersionId")
                 order.append((key, version_id))
-        self._listing_order.append(order)
+        self._listing.order.append(order)
 
     def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
         """Every object version and delete marker under ``prefix`` in listing order
         and, with a delimiter, the "subdirectory" prefixes found."""
-        self._listing_order = []
+        self._listing.order = []
         found: dict[tuple[str, str], ObjectVersion] = {}
         subdirs: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page}
@@ -193,7 +199,7 @@ class S3Backend:
             kwargs.pop("VersionIdMarker", None)
             if page.get("NextVersionIdMarker"):
                 kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
-        ordered = [found.pop(kv) for page in self._listing_order for kv in page if kv in found]
+        ordered = [found.pop(kv) for page in self._listing.order for kv in page if kv in found]
         return ordered + list(found.values()), subdirs  # anything the XML did not show, last
 
     @staticmethod
