@@ -19,10 +19,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 
 import trio
+
+from .errors import StoreUnavailable
 
 MIN_BLOCK = 1 << 20
 # Windows of a few MiB: large enough to amortise a thread hop and HDF5's
@@ -30,6 +33,10 @@ MIN_BLOCK = 1 << 20
 # being mapped and faulted in afresh every time.
 MAX_WINDOW_BYTES = 8 << 20
 DEFAULT_READAHEAD_BYTES = 512 << 20  # the budget of all open files together (--readahead-memory)
+# A block the store could not give answers the requests for it that come this
+# soon after with the same failure: the kernel retries a failed read-ahead at
+# once, page by page, and each retry would wait the whole --store-timeout again.
+FAILURE_ECHO = 1.0
 
 V = TypeVar("V")
 
@@ -97,6 +104,17 @@ Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
 Spawn = Callable[..., Any]
 
 
+class _Pending:
+    """A fetch under way: readers of its blocks wait for ``done``; a failure is
+    handed to them (``error``) instead of being fetched again at once."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class BlockReader:
     """Reads of one open file, batched into aligned blocks fetched by ``fetch``.
     ``spawn`` (a nursery's start_soon), if given, enables background read-ahead;
@@ -118,9 +136,10 @@ class BlockReader:
         self._window = 1  # blocks wanted ahead of the reader
         self._next_offset = 0
         self._blocks: dict[int, memoryview] = {}
-        self._pending: dict[int, trio.Event] = {}
+        self._pending: dict[int, _Pending] = {}
         self._held = 0  # bytes of blocks and pending fetches, counted in the budget
         self._generation = 0  # bumped when the reader drops what it holds
+        self._failed: dict[int, tuple[float, StoreUnavailable]] = {}  # block -> (when, why), see FAILURE_ECHO
         self._closed = False
 
     def _start(self, index: int) -> int:
@@ -137,6 +156,7 @@ class BlockReader:
         if offset >= end:
             return b""
         index = self._index(offset)
+        self._echo_failure(index, self._index(end - 1))
         # Sequential: where the last read ended, in a block held or on its way, or
         # a little behind or within the window ahead (the kernel's read-ahead
         # requests may arrive a little out of order).
@@ -148,6 +168,8 @@ class BlockReader:
             if not sequential:
                 return await self._read_alone(offset, end)
             return await self._read_blocks(offset, end)
+        except StoreUnavailable:
+            raise  # asking again would only wait as long again
         except Exception:  # noqa: BLE001
             # A damaged region fails its whole block, but the bytes asked for
             # may still be readable on their own: try exactly those (uncached).
@@ -179,7 +201,9 @@ class BlockReader:
                 pending = self._pending.get(index)
                 waited = True
                 if pending is not None:
-                    await pending.wait()
+                    await pending.done.wait()
+                    if pending.error is not None:
+                        raise pending.error
                 data = self._blocks.get(index)
                 if data is None:  # that fetch failed (or was dropped): fetch it ourselves
                     self._budget.reserve(self._length(index))
@@ -196,6 +220,17 @@ class BlockReader:
             self._grow()
         self._read_ahead(self._index(end))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _echo_failure(self, first: int, last: int) -> None:
+        """Raise the store's failure again for a block that failed a moment ago."""
+        if not self._failed:
+            return
+        now = time.monotonic()
+        for i, (when, error) in list(self._failed.items()):
+            if now - when > FAILURE_ECHO:
+                del self._failed[i]
+            elif first <= i <= last:
+                raise error
 
     def _grow(self) -> None:
         """The reader waited for data: a larger window, if the budget has room."""
@@ -220,16 +255,16 @@ class BlockReader:
                 self._window = max(1, self._window // 2)  # the budget is spent: shrink
                 break
             self._held += n
-            done = self._pending[i] = trio.Event()
+            done = self._pending[i] = _Pending()
             self._spawn(self._prefetch, i, done, self._generation)
 
-    async def _prefetch(self, index: int, done: trio.Event, generation: int) -> None:
+    async def _prefetch(self, index: int, done: _Pending, generation: int) -> None:
         try:
             await self._fill(index, index + 1, done, generation)
         except Exception:  # noqa: BLE001 - the real read will retry and report
             pass
 
-    async def _fill(self, first: int, last: int, done: trio.Event | None = None, generation: int | None = None) -> None:
+    async def _fill(self, first: int, last: int, done: _Pending | None = None, generation: int | None = None) -> None:
         """Fetch blocks [first, last) in one call; their bytes are already counted in
         ``_held`` and the budget (a failure gives them back: nothing is kept).
         ``done`` and ``generation``: a fetch announced earlier (read-ahead)."""
@@ -237,16 +272,23 @@ class BlockReader:
         if generation is None:
             generation = self._generation
         if done is None:
-            done = trio.Event()
+            done = _Pending()
             for i in indices:
                 self._pending[i] = done
         elif generation != self._generation:  # dropped before it started
-            done.set()
+            done.done.set()
             return
         stored = 0
         try:
             start = self._start(first)
-            data = memoryview(await self._fetch(start, self._start(last) - start))
+            try:
+                data = memoryview(await self._fetch(start, self._start(last) - start))
+            except Exception as e:
+                done.error = e
+                if isinstance(e, StoreUnavailable):
+                    for i in indices:
+                        self._failed[i] = (time.monotonic(), e)
+                raise
             if generation == self._generation and not self._closed:
                 for i in indices:
                     self._blocks[i] = data[self._start(i) - start : self._start(i + 1) - start]
@@ -258,7 +300,7 @@ class BlockReader:
             unused = sum(self._length(i) for i in indices) - stored
             if unused and generation == self._generation:
                 self._give_back(unused)
-            done.set()
+            done.done.set()
 
     def _give_back(self, n: int) -> None:
         self._held -= n

@@ -164,7 +164,7 @@ class TreeFile(_ReadOnlyFile):
 
     async def xattrs(self) -> dict[str, bytes]:
         """The stored file's own metadata (S3 user metadata), if the backend has any."""
-        if self.entry.ref is None or not hasattr(self.ns.backend, "xattrs"):
+        if self.entry.ref is None:
             return {}
         return await self.ns.worker.run(self.ns.backend.xattrs, self.entry.ref)
 

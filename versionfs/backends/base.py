@@ -151,6 +151,9 @@ class Backend(Protocol):
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
 
+    def xattrs(self, ref: Any) -> dict[str, bytes]:
+        """A file's own metadata as extended attributes (``user.*``); {} if none."""
+
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         """Whether a local file provably holds the bytes of a version's file."""
 

@@ -367,6 +367,9 @@ class HDF5Backend:
                 return self._text(ref)[offset : offset + length]
             return self._dataset(ref.h5path)[offset : offset + length].tobytes()  # RawRef
 
+    def xattrs(self, ref: Any) -> dict[str, bytes]:
+        return {}  # attributes are in .attrs.json
+
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         return compare_by_reading(self, entry, local, written)
 
