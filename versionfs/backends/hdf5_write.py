@@ -17,9 +17,10 @@ Memory stays bounded whatever the size of a file: a new or rewritten ``.npy``
 or raw file is *streamed*, read a slab at a time by versioned-hdf5's own
 ``rewrite_dataset`` (which hashes and deduplicates each slab against every
 chunk the path ever had) straight into the path's ``raw_data``; its virtual
-dataset is made after ``stage_version`` has written everything else. Only an
-in-place edit (``Change.written``) goes through the staged group, and only its
-written chunk rows.
+dataset is made after ``stage_version`` has written everything else. Small
+files (INLINE_MAX, up to INLINE_BUDGET in all) go through the staged group as
+a user's ``create_dataset`` would (streaming costs more per dataset), and an
+in-place edit (``Change.written``) too, with only its written chunk rows.
 
 versioned-hdf5 keeps a path's chunk shape, dtype and rank for ever once a
 dataset existed there (``_version_data/<path>/raw_data``). A new dataset at a
@@ -58,6 +59,8 @@ from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS,
 log = logging.getLogger(__name__)
 
 SLAB_BYTES = 64 << 20  # what one step of a commit holds in memory
+INLINE_MAX = 8 << 20  # a new dataset this small goes through the staged group ...
+INLINE_BUDGET = 128 << 20  # ... while all of those of one commit stay under this
 MAX_CHUNKS = 1 << 20  # a dataset with more chunks of its path's kept shape gets a new internal name
 RAW_CHUNK_MIN = 4096  # bytes: a raw file's chunks are never smaller (its path keeps them for ever)
 TEXT_MAX_BYTES = 64 << 20  # a new .txt larger than this is stored as raw bytes (text is parsed in memory)
@@ -253,6 +256,9 @@ class _Writer:
         self.g: Any = None
         self.streamed: dict[str, Streamed] = {}  # h5 name -> dataset made after stage_version
         self.placed: dict[str, str] = {}  # shown path -> h5 name of a dataset this commit made
+        self.inline_bytes = 0  # of the new datasets staged in memory
+        self.made: set[str] = set()  # h5 names of datasets this commit put in the staged group
+        self.dropped: set[str] = set()  # h5 names of inherited datasets this commit removed
 
     def start(self, group: Any) -> None:
         self.g = group
@@ -324,12 +330,17 @@ class _Writer:
         return h5py.Group.__contains__(self.g, name)
 
     def drop(self, name: str) -> None:
-        """Remove the dataset the version inherited at ``name``, if any."""
-        try:
-            del self.g[name]
-        except KeyError:
-            pass
+        """Remove the dataset the version has at ``name`` (inherited, or made by this
+        commit), if any. Asked of what is known first: InMemoryGroup's KeyError
+        message lists every name of the group."""
         self.streamed.pop(name, None)
+        if name in self.made or (name not in self.dropped and h5py.Group.__contains__(self.prev_group, name)):
+            self.made.discard(name)
+            self.dropped.add(name)
+            try:
+                del self.g[name]
+            except KeyError:
+                pass
 
     # -- changes -----------------------------------------------------------------
     def apply(self, changes: list[Change]) -> None:
@@ -437,6 +448,7 @@ class _Writer:
             place = self.place(dest, source.dtype, values.shape, chunks)
             ds = self.group(posixpath.dirname(place.name)).create_dataset(
                 posixpath.basename(place.name), data=values, dtype=source.dtype, chunks=place.chunks)
+            self.made.add(place.name)
             self._set(ds.attrs, attrs, place, dest)
             self.placed[shown] = place.name
             return
@@ -488,14 +500,26 @@ class _Writer:
 
     def stream(self, name: str, source: Any, shown: str, chunks: tuple[int, ...], attrs: dict[str, Any],
                fillvalue: Any = None) -> None:
-        """Write a dataset straight to its raw_data, a slab at a time."""
+        """Write a new dataset: a small one through the staged group (committed by
+        versioned-hdf5 as any create_dataset, while the small ones of this commit
+        stay under INLINE_BUDGET in all), any other straight to its raw_data, a
+        slab at a time, so that memory stays bounded."""
         place = self.place(name, source.dtype, tuple(source.shape), tuple(chunks))
         fill = place.fillvalue if place.fillvalue is not None else fillvalue
-        empty = np.empty((0,) * len(source.shape), dtype=source.dtype)
-        write_dataset(self.f, place.name, empty, chunks=place.chunks, fillvalue=fill)  # makes raw_data if new
-        staged = rewrite_dataset(self.f, place.name, source, chunks=place.chunks, fillvalue=fill, max_bytes=SLAB_BYTES)
-        streamed = self.streamed[place.name] = Streamed(staged, fill)
-        self._set(streamed.attrs, attrs, place, name)
+        nbytes = int(np.prod(source.shape, dtype=np.int64)) * source.dtype.itemsize
+        if nbytes <= INLINE_MAX and self.inline_bytes + nbytes <= INLINE_BUDGET:
+            self.inline_bytes += nbytes
+            data = source[(slice(None),) * len(source.shape)]
+            ds = self.group(posixpath.dirname(place.name)).create_dataset(
+                posixpath.basename(place.name), data=data, chunks=place.chunks, fillvalue=fill)
+            self.made.add(place.name)
+            self._set(ds.attrs, attrs, place, name)
+        else:
+            empty = np.empty((0,) * len(source.shape), dtype=source.dtype)
+            write_dataset(self.f, place.name, empty, chunks=place.chunks, fillvalue=fill)  # makes raw_data if new
+            staged = rewrite_dataset(self.f, place.name, source, chunks=place.chunks, fillvalue=fill, max_bytes=SLAB_BYTES)
+            streamed = self.streamed[place.name] = Streamed(staged, fill)
+            self._set(streamed.attrs, attrs, place, name)
         self.placed[shown] = place.name
 
     @staticmethod
@@ -528,6 +552,7 @@ class _Writer:
         place = self.place(name, dtype, array.shape, (DEFAULT_CHUNK_SIZE,))
         ds = self.group(posixpath.dirname(place.name)).create_dataset(
             posixpath.basename(place.name), data=array, dtype=dtype, chunks=place.chunks)
+        self.made.add(place.name)
         self._set(ds.attrs, attrs, place, name)
         self.placed[shown] = place.name
 
