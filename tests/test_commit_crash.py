@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -203,3 +204,62 @@ def test_a_full_disk_leaves_the_mount_as_it_was(small_disk, tmp_path, mount, sho
     assert "answering EIO" not in m.log
     with h5py.File(source, "r") as f:
         assert np.array_equal(VersionedHDF5File(f)["full"]["big"][()], data)
+
+
+def killed_commit_with_journal(tmp_path, rng, trial: int):
+    """A commit killed while its journal is on disk: (source, mount point, state dir)."""
+    source = make_versions(tmp_path / "crash.h5", v1)
+    mnt, state = tmp_path / "mnt", tmp_path / "state"
+    mnt.mkdir(exist_ok=True)
+    for attempt in range(20):
+        assert run_versionfs("mount", str(source), str(mnt), "--state-dir", str(state)).returncode == 0
+        pid = int(os.getxattr(mnt, "user.versionfs.pid"))
+        try:
+            x = np.load(mnt / "staging" / "x.npy", mmap_mode="r").copy()
+            x[0] = trial  # trial > 0: check_file knows version t<k> by x[0] == k
+            np.save(mnt / "staging" / "x.npy", x)
+            np.save(mnt / "staging" / "more.npy", np.random.default_rng(trial).standard_normal(2_000_000))
+            commit = subprocess.Popen([*VERSIONFS, "commit", str(mnt), "-n", f"t{trial}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            journal = source.parent / (source.name + ".versionfs-journal")
+            deadline = time.monotonic() + 60
+            while not journal.exists() and commit.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.05))
+            os.kill(pid, signal.SIGKILL)
+            commit.wait(timeout=60)
+        finally:
+            force_unmount(mnt, pid)
+        if journal.exists():
+            return source, mnt, state
+        assert run_versionfs("mount", str(source), str(mnt), "--state-dir", str(state)).returncode == 0
+        assert run_versionfs("discard", str(mnt)).returncode == 0 and run_versionfs("umount", str(mnt)).returncode == 0
+    pytest.fail("no commit was killed while its journal existed")
+
+
+@pytest.mark.parametrize("trials", [1, pytest.param(8, marks=[pytest.mark.slow, pytest.mark.timeout(1800)])])
+def test_a_killed_commit_s_journal_is_rolled_back_only_into_its_own_file(tmp_path, trials):
+    rng = random.Random(trials)
+    other = make_versions(tmp_path / "other.h5", lambda g: g.create_dataset("w", data=np.arange(5000)))
+    for trial in range(1, trials + 1):
+        base = tmp_path / f"trial{trial}"
+        base.mkdir()
+        source, mnt, state = killed_commit_with_journal(base, rng, trial)
+        journal = source.parent / (source.name + ".versionfs-journal")
+        crashed, journal_bytes = source.read_bytes(), journal.read_bytes()
+        shutil.copyfile(other, source)  # another versioned file copied over it
+        for command in (["mount", str(source), str(mnt), "--state-dir", str(state)], ["log", str(source)]):
+            result = run_versionfs(*command)
+            assert result.returncode == 1 and "does not belong" in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+        assert source.read_bytes() == other.read_bytes() and journal.read_bytes() == journal_bytes
+        source.write_bytes(crashed)  # the file is put back: now the journal is rolled back into it
+        assert run_versionfs("mount", str(source), str(mnt), "--state-dir", str(state)).returncode == 0
+        pid = int(os.getxattr(mnt, "user.versionfs.pid"))
+        try:
+            assert not journal.exists()
+            done = check_file(source, ["v1"], trial)
+            status = sorted(run_versionfs("status", str(mnt)).stdout.split("\n"))
+            assert status == ([""] if done else ["", "A more.npy", "M x.npy"]), status
+        finally:
+            assert run_versionfs("umount", str(mnt)).returncode == 0
+            force_unmount(mnt, pid)

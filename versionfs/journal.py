@@ -10,14 +10,15 @@ h5py writes through (its ``fileobj`` driver) during a commit:
   file only in ``commit``, after a journal holding the *old* bytes of every
   such block is durable.
 
-``commit``: journal records + checksum, fsync; fsync the file (appended data);
-write the shadow blocks in place; fsync; delete the journal. ``recover`` (run
+``commit``: journal records + checksum, fsync (and its directory); fsync the
+file (appended data); write the shadow blocks in place; fsync; delete the
+journal, fsync its directory. ``recover`` (run
 before every open) rolls back a complete leftover journal and truncates to the
 original size, so after a crash at any instant the file is either the old one
 or the new one.
 
-A journal is bound to the very file it was written for: its header (durable
-before the commit writes a byte) names the file's path, inode, size and mtime
+A journal is bound to the very file it was written for: its header (written
+before the commit writes a byte, durable with the rest of the journal) names the file's path, inode, size and mtime
 when the commit began and a SHA-256 of its first block; a complete journal also
 has the new size and first block. ``recover`` writes nothing unless the file
 still is that file (same path and inode, not shorter than it was, not older,
@@ -259,10 +260,10 @@ class JournaledFile:
         self.base_size = self.size = self.identity.size
         self.pos = 0
         try:
+            # Not fsynced yet: until the journal is complete nothing below the old
+            # size changes, and bytes appended past it are harmless to HDF5.
             self._jfd = os.open(journal_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             _write_all(self._jfd, header(self.identity))
-            os.fsync(self._jfd)
-            _fsync_dir(path)
         except BaseException:
             self._finish()
             raise
@@ -372,6 +373,7 @@ class JournaledFile:
         new_head = hashlib.sha256(self._read(0, min(BLOCK, self.size))).hexdigest()
         _write_all(self._jfd, complete(self.identity, records, self.size, new_head))
         os.fsync(self._jfd)
+        _fsync_dir(self.path)  # the journal's name too
         os.fsync(self.fd)  # appended data is durable before anything points to it
         self._undo = records  # from here on, undoing means writing these back
         for i, block in sorted(self._shadow.items()):

@@ -73,10 +73,14 @@ def commit(path: str, parent: str | None, changes: list[Change], name: str, mess
     meter = Meter(changes, parent_tree, progress)
     jf = JournaledFile(path)
     try:
-        with h5py.File(jf, "r+") as f:
+        # The parent version's data is read through a plain read-only handle: until
+        # the commit ends, every byte it can see on disk is the parent's (writes
+        # over old bytes are held back), and HDF5's own driver reads far faster
+        # than the journaled file object.
+        with h5py.File(jf, "r+") as f, h5py.File(path, "r", locking=False) as parent_file:
             vf = VersionedHDF5File(f)
             prev = parent or FIRST_VERSION
-            writer = _Writer(f, prev, parent_tree, meter)
+            writer = _Writer(f, prev, parent_tree, meter, parent_file[f"{VERSIONS_GROUP}/{prev}"])
             with vf.stage_version(name, prev_version=prev, timestamp=dt.datetime.now(UTC)) as group:
                 writer.start(group)
                 if message:
@@ -192,13 +196,16 @@ class FileArray:
         out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset + start * (out.nbytes // max(1, len(out))))
+            at = self.offset + start * (out.nbytes // max(1, len(out)))
+            f.seek(at)
             done = 0
             while done < len(view):
                 n = f.readinto(view[done:])
                 if not n:
                     raise CommitError(f"{self.path}: shorter than its .npy header says (changed during the commit?)")
                 done += n
+            # The next block is read from disk while this one is hashed.
+            os.posix_fadvise(f.fileno(), at + done, done, os.POSIX_FADV_WILLNEED)
         if self.meter is not None:
             self.meter.add(out.nbytes)
         return out[(slice(None), *index[1:])]
@@ -249,9 +256,10 @@ class Place:
 
 
 class _Writer:
-    def __init__(self, f: h5py.File, prev: str, tree: Dir, meter: Meter):
+    def __init__(self, f: h5py.File, prev: str, tree: Dir, meter: Meter, parent: h5py.Group):
         self.f, self.prev, self.tree, self.meter = f, prev, tree, meter
         self.prev_group = f[f"{VERSIONS_GROUP}/{prev}"]
+        self.parent = parent  # the same group, read through the plain handle (its data only)
         self.data = f["_version_data"]
         self.g: Any = None
         self.streamed: dict[str, Streamed] = {}  # h5 name -> dataset made after stage_version
@@ -382,7 +390,7 @@ class _Writer:
         if entry.content is not None:
             return entry.content
         # A rename onto an existing file of another kind: the bytes the parent version shows.
-        ds = self.f[ref_h5path(entry.ref)]
+        ds = self.parent[_relative(entry.ref, self.prev)]
         kind = ref_kind(entry.ref)
         if kind == "raw":
             return ds[()].tobytes()
@@ -411,7 +419,7 @@ class _Writer:
                 if kind is None or kind == source_kind:
                     # A rename: the dataset as it is (same dtype, chunks, attributes).
                     dest = _renamed(h5path, leaf, source_kind) if kind is None else h5path
-                    return self.copy_dataset(self.prev_group[_relative(source.ref, self.prev)], dest, change.path)
+                    return self.copy_dataset(self.parent[_relative(source.ref, self.prev)], dest, change.path)
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
             layout = npy_layout(change.local) if change.local is not None else _saved_layout(self.content(change))
             if layout is not None:
@@ -457,7 +465,7 @@ class _Writer:
     def put_array(self, name: str, layout: NpyLayout, change: Change, existing: bool, attrs: dict[str, Any]) -> None:
         shown = change.path
         if existing:
-            old = self.prev_group.get(name)
+            old = self.parent.get(name)
             if isinstance(old, h5py.Dataset):
                 if old.dtype != layout.dtype:
                     raise CommitError(f"{shown}: dtype {layout.dtype} cannot replace {old.dtype} of dataset /{name} "
@@ -494,8 +502,7 @@ class _Writer:
             stop = min(row + chunk0, layout.shape[0])
             new = layout.rows(row, stop)
             self.meter.add(new.nbytes)
-            if _differing_chunk_rows(np.ascontiguousarray(old[row:stop]), new, chunk0):
-                ds[row:stop] = new
+            ds[row:stop] = new  # unchanged chunks are found by their hash: nothing new is stored
         return True
 
     def stream(self, name: str, source: Any, shown: str, chunks: tuple[int, ...], attrs: dict[str, Any],
@@ -636,19 +643,6 @@ def _written_chunk_rows(written: tuple[tuple[int, int], ...], layout: NpyLayout,
         first, last = (start - header) // row_bytes, (stop - 1 - header) // row_bytes
         runs.update(range(first // chunk0 * chunk0, min(last, nrows - 1) + 1, chunk0))
     return sorted(r for r in runs if r < nrows)
-
-
-def _differing_chunk_rows(before: np.ndarray, after: np.ndarray, chunk0: int) -> list[int]:
-    """First rows of the runs of ``chunk0`` rows whose bytes differ (bytes decide:
-    NaN and -0.0 count as stored). One long row per chunk run keeps numpy fast."""
-    a, b = before.view(np.uint8).reshape(-1), after.view(np.uint8).reshape(-1)
-    block = chunk0 * (a.size // len(after))
-    full = a.size // block
-    rows = np.flatnonzero((a[: full * block].reshape(full, block) != b[: full * block].reshape(full, block)).any(axis=1))
-    out = [int(r) * chunk0 for r in rows]
-    if full * block < a.size and (a[full * block :] != b[full * block :]).any():
-        out.append(full * chunk0)
-    return out
 
 
 def _chunks_of(ds: h5py.Dataset) -> tuple[int, ...]:
