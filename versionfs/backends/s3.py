@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ METADATA_READ_TIMEOUT = 20.0  # seconds without a byte, for listings, HEADs and 
 XATTR_CACHE_SIZE = 4096  # object versions whose user metadata is kept (it never changes)
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
+SMALL_BODY = 1 << 20  # uploads up to this size are sent from memory
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
 MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
 
@@ -64,6 +66,27 @@ class S3Ref:
     version_id: str
     etag: str | None
     size: int
+
+
+def _timestamp(value: str) -> dt.datetime:
+    """botocore's timestamp parser, fast for the ISO times listings carry (dateutil
+    takes a millisecond each: a second for every page of a listing)."""
+    try:
+        return dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(value)
+
+
+def _session() -> Any:
+    """A boto3 session of its own whose clients parse timestamps with ``_timestamp``."""
+    import boto3
+    import botocore.session
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+    return boto3.session.Session(botocore_session=session)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -139,12 +162,14 @@ class S3Backend:
         config = Config(retries={"max_attempts": attempts, "mode": "standard"},
                         max_pool_connections=PARALLEL_GETS * 2 + self.commit_parallel,
                         connect_timeout=s3_data.CONNECT_TIMEOUT, read_timeout=METADATA_READ_TIMEOUT)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self.client = _session().client("s3", endpoint_url=endpoint_url, config=config)
         # Content (GETs, HEADs of xattrs): bounded in time as a whole (--store-timeout).
         self.store_timeout = store_timeout
         self._data = s3_data.Requests(endpoint_url, store_timeout, self.description)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")  # commits' parts
         self._commit_pool: ThreadPoolExecutor | None = None  # a commit's writes: made by the first commit
+        # The next versions() answer, if a commit just listed (until the deadline).
+        self._listed_by_commit: tuple[list[VersionInfo], float] | None = None
         self._get_pool = ThreadPoolExecutor(s3_data.MAX_GETS, thread_name_prefix="versionfs-s3-get")
         self._xattrs: Lru[dict[str, bytes]] = Lru(XATTR_CACHE_SIZE)
         self._xattrs_lock = threading.Lock()
@@ -234,6 +259,12 @@ class S3Backend:
         return dict(by_key)
 
     def versions(self) -> list[VersionInfo]:
+        fresh, self._listed_by_commit = self._listed_by_commit, None
+        if fresh is not None and time.monotonic() < fresh[1]:
+            return fresh[0]  # the listing a commit just ended with
+        return self._versions()
+
+    def _versions(self) -> list[VersionInfo]:
         by_key = self._by_key_newest_first(self._list(self.prefix)[0])
         instants = sorted({v.modified for versions in by_key.values() for v in versions})
         # Changes even when no new instant appears (a second write within the same
@@ -456,8 +487,9 @@ class S3Backend:
             failed = self._run(phase, lambda w: self._write(w, metadata, meter))
             if failed is not None:
                 break
-        self.versions()  # a fresh listing: what the store holds now
-        self._settle(writes)
+        infos = self._versions()  # a fresh listing: what the store holds now
+        infos = self._settle(writes) or infos
+        self._listed_by_commit = (infos, time.monotonic() + 2.0)  # the namespace asks next: no second listing
         written = [w.key for w in writes if w.version_id is not None]
         conflicts = [w.key for w in writes if w.conflict]
         if conflicts:
@@ -528,9 +560,10 @@ class S3Backend:
             w.version_id = self._upload(w, metadata, meter)
         meter.done(w.size if w.kind != "put" or w.size <= self.multipart_threshold else 0)
 
-    def _settle(self, writes: list["Write"]) -> None:
+    def _settle(self, writes: list["Write"]) -> list[VersionInfo] | None:
         """Check each write against the fresh listing: find ours where the answer
-        was lost, and take ours back where it does not sit on staging's base."""
+        was lost, and take ours back where it does not sit on staging's base (then
+        the versions listed again)."""
         removed = False
         for w in writes:
             versions = self._by_key.get(w.key, [])
@@ -555,8 +588,7 @@ class S3Backend:
                 except Exception as e:  # noqa: BLE001 - said in the message
                     log.warning("%s: could not remove our version %s: %s", w.key, w.version_id, e)
                 w.conflict = removed = True
-        if removed:
-            self.versions()
+        return self._versions() if removed else None
 
     def _sits_on_base(self, w: "Write", below: list[ObjectVersion]) -> bool:
         """Whether the versions below one of ours start with what staging's base had
@@ -604,7 +636,10 @@ class S3Backend:
                 # The store checks the SHA-256 too: a corrupted upload is refused.
                 checksum = base64.b64encode(bytes.fromhex(digests["sha256"])).decode()
                 with open(local, "rb") as f:
-                    answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=f, Metadata=meta,
+                    # A small body goes as bytes: botocore then sends it at once, without
+                    # waiting a round trip for "100 Continue" as it does for a file.
+                    body = f.read() if size <= SMALL_BODY else f
+                    answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta,
                                                     ChecksumSHA256=checksum, **self._condition(base))
                 return answer.get("VersionId")
             return self._multipart(w, size, meta, meter)
