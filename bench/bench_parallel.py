@@ -104,7 +104,7 @@ def _s3(ctx: Context, rows: list[Row], notes: list[str]) -> bool:
         from s3servers import make_client, make_versioned_bucket
 
         url, server_pid = srv.endpoint_url, srv.proc.pid
-        s3 = make_client(url)
+        s3 = make_client(url, max_pool_connections=8 * 10)  # a connection for each of boto3's 8 × 10 threads
         bucket = make_versioned_bucket(s3)
         for key, body in bodies.items():
             s3.put_object(Bucket=bucket, Key=key, Body=body)
