@@ -53,6 +53,14 @@ def test_bad_sources_are_refused_clearly(tmp_path, mnt):
         assert not is_mounted(mnt)
 
 
+def test_unknown_mount_option_is_named(good, mnt):
+    for extra in ([], ["-f"]):
+        result = run_versionfs("mount", str(good), str(mnt), "-o", "ro,bogus_opt", *extra)
+        assert_one_line_error(result, "unknown mount option 'bogus_opt'", "state_dir=")
+        assert "fuse_session_new" not in result.stderr and "RuntimeError" not in result.stderr
+        assert not is_mounted(mnt)
+
+
 def test_bad_mount_points_are_refused_clearly(tmp_path, good, mnt):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "file").write_text("x")

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-from . import __version__, logs
+from . import __version__, logs, options
 from .control import request
 from .errors import EXIT_ERROR, UserError, exit_code
 
@@ -24,12 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("source", help="a versioned .h5 file (or s3://bucket/prefix)")
     m.add_argument("mountpoint")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options, comma separated (ro, allow_other, ...)")
-    m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
-    m.add_argument("--autocommit", type=float, metavar="SECONDS", help="commit staging once it has been idle this long")
-    m.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    m.add_argument("--cache-dir", help="where S3 object versions and built .h5 images are kept (default: $XDG_CACHE_HOME/versionfs)")
-    m.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="S3: the cache's bound, e.g. 512M or 20G (default 4G)")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="mount options, comma separated: FUSE's (ro, allow_other, ...) and every flag below by its name")
+    options.add_arguments(m)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     c = sub.add_parser("commit", help="turn staging/ into the next version")
@@ -74,40 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(text: str) -> int:
-    """``512M``, ``20G``, ``1048576``: a size in bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 512M or 20G)") from None
-
-
-def _mount_options(raw: list[str]) -> list[str]:
-    return [o for group in raw for o in group.split(",") if o]
-
-
 def _mount(args: argparse.Namespace) -> None:
     from . import daemon
 
-    opts = daemon.MountOptions(
-        args.source, args.mountpoint, _mount_options(args.options), args.debug, args.state_dir, args.autocommit,
-        args.endpoint_url, args.cache_dir,
-    )
-    if args.cache_size is not None:
-        opts.cache_bytes = args.cache_size
+    flags = {o.name: getattr(args, o.name) for o in options.OPTIONS}
+    opts = options.from_arguments(args.source, args.mountpoint, args.options, flags, args.debug)
     if args.foreground:
         daemon.serve(opts, daemon.ready_writer(args.ready_fd))
         return
-    child = ["mount", args.source, os.path.abspath(args.mountpoint), "-f"]
-    child += [f"-o{o}" for o in opts.fuse_options]
-    child += ["--state-dir", args.state_dir] if args.state_dir else []
-    child += ["--autocommit", str(args.autocommit)] if args.autocommit else []
-    child += ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
-    child += ["--cache-dir", args.cache_dir] if args.cache_dir else []
-    child += ["--cache-size", str(args.cache_size)] if args.cache_size is not None else []
-    daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
+    child = ["mount", args.source, os.path.abspath(args.mountpoint), "-f", *options.to_arguments(opts)]
+    daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, opts.state_dir)
 
 
 def _demo(args: argparse.Namespace) -> None:
