@@ -31,6 +31,7 @@ from .errors import UserError
 from .fs import VersionFS
 from .namespace import Namespace
 from .options import OPTIONS, MountOptions
+from .selectors import choose
 from .staging import Overlay
 from .worker import Worker
 
@@ -46,19 +47,34 @@ def is_mountpoint(path: str) -> bool:
     return mount_fstype(path) is not None
 
 
-def mount_fstype(path: str) -> str | None:
-    """The file-system type mounted exactly at ``path``, from /proc/self/mountinfo."""
-    path = os.path.realpath(path)
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, file-system type) of every mount, from /proc/self/mountinfo."""
+    out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-                if mnt == path:
-                    return fields[fields.index("-") + 1]
+                out.append((mnt, fields[fields.index("-") + 1]))
     except OSError:
         pass
-    return None
+    return out
+
+
+def mount_fstype(path: str) -> str | None:
+    """The file-system type mounted exactly at ``path``."""
+    path = os.path.realpath(path)
+    return next((fstype for mnt, fstype in reversed(mounts()) if mnt == path), None)
+
+
+def versionfs_mount_of(path: str) -> str | None:
+    """The root of the versionfs mount that ``path`` is in (or is), if any."""
+    path = os.path.realpath(path)
+    best = ("", None)
+    for mnt, fstype in mounts():  # the deepest one; of two on one path, the later (the one seen)
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, fstype)
+    return best[0] if best[1] == FSTYPE else None
 
 
 def check_mountpoint(path: str) -> None:
@@ -188,6 +204,12 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
             "errors": fs.failure_count,
         }
 
+    async def select(selector: str) -> dict | None:
+        """The version a SELECTOR argument names here (rollback says which)."""
+        info = choose(selector, namespace.index, namespace.by_name)
+        latest = namespace.current_info()
+        return None if info is None else {"name": info.name, "latest": latest is not None and info.name == latest.name}
+
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
         if committer is not None:
@@ -197,6 +219,7 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
                 "discard": committer.discard,
                 "rollback": committer.rollback,
                 "health": health,
+                "select": select,
             }
             await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
             if opts.autocommit:
