@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 from .backends import open_backend
 from .backends.base import Backend, Dir, File, FileDelta, VersionInfo, find, join
-from .daemon import XATTR_ENDPOINT, XATTR_SOURCE, versionfs_mount_of
+from .daemon import XATTR_ENDPOINT, XATTR_SOURCE
+from .mounts import versionfs_mount_of
 from .errors import SourceError, UserError
 from .namespace import history_listing
 from .selectors import VersionIndex, choose, format_utc, parse_time
@@ -35,7 +36,7 @@ def locate(given: str, endpoint_url: str | None = None) -> Location:
     """A source (``FILE.h5``, ``s3://…``), a mount point, or any path in a mount."""
     if given.startswith("s3://"):
         return Location(given, endpoint_url)
-    mountpoint = versionfs_mount_of(given)  # also for a path that is not there (latest/deleted.npy)
+    mountpoint = versionfs_mount_of(given)
     if mountpoint is None:
         if os.path.isdir(given):
             raise SourceError(f"{given}: a directory, but not in a versionfs mount")
@@ -69,14 +70,6 @@ def tree_path(mountpoint: str, given: str) -> str | None:
     elif head not in ("latest", "staging") and not head.startswith("@"):
         return None  # latest.h5
     return "/".join(rest)
-
-
-def mount_root(given: str) -> str:
-    """The mount a path is in (for commands that talk to its daemon)."""
-    mountpoint = versionfs_mount_of(given)  # also for a path that is not there (latest/deleted.npy)
-    if mountpoint is None:
-        raise UserError(f"{given}: not in a versionfs mount")
-    return mountpoint
 
 
 class Opened:

@@ -377,7 +377,7 @@ def _stat_text(delta: Any) -> str:
 
 
 def _commit(args: argparse.Namespace) -> int:
-    from .admin import mount_root
+    from .mounts import mount_root
 
     with _progress_bar("commit") as on_progress:
         name = request(mount_root(args.mountpoint), "commit", on_progress, name=args.name, message=args.message)
@@ -389,7 +389,7 @@ def _commit(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from .admin import mount_root
+    from .mounts import mount_root
 
     mnt = mount_root(args.mountpoint)
     try:
@@ -410,7 +410,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .admin import mount_root
+    from .mounts import mount_root
 
     mnt = mount_root(args.mountpoint)
     health = request(mnt, "health")
@@ -450,7 +450,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         _demo(args)
     elif args.command == "discard":
-        from .admin import mount_root
+        from .mounts import mount_root
 
         request(mount_root(args.mountpoint), "discard")
     elif args.command == "completion":

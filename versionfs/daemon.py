@@ -25,10 +25,12 @@ import trio
 from . import control
 from .backends import open_backend
 from .backends.base import Backend
+from .cache import ReadAheadBudget
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
 from .errors import UserError
 from .fs import VersionFS
+from .mounts import FSTYPE, mount_fstype
 from .namespace import Namespace
 from .options import OPTIONS, MountOptions
 from .selectors import choose
@@ -37,7 +39,6 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
-FSTYPE = "fuse.versionfs"
 XATTR_PID = "user.versionfs.pid"
 XATTR_SOURCE = "user.versionfs.source"
 XATTR_ENDPOINT = "user.versionfs.endpoint"
@@ -45,36 +46,6 @@ XATTR_ENDPOINT = "user.versionfs.endpoint"
 
 def is_mountpoint(path: str) -> bool:
     return mount_fstype(path) is not None
-
-
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, file-system type) of every mount, from /proc/self/mountinfo."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-                out.append((mnt, fields[fields.index("-") + 1]))
-    except OSError:
-        pass
-    return out
-
-
-def mount_fstype(path: str) -> str | None:
-    """The file-system type mounted exactly at ``path``."""
-    path = os.path.realpath(path)
-    return next((fstype for mnt, fstype in reversed(mounts()) if mnt == path), None)
-
-
-def versionfs_mount_of(path: str) -> str | None:
-    """The root of the versionfs mount that ``path`` is in (or is), if any."""
-    path = os.path.realpath(path)
-    best = ("", None)
-    for mnt, fstype in mounts():  # the deepest one; of two on one path, the later (the one seen)
-        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-            best = (mnt, fstype)
-    return best[0] if best[1] == FSTYPE else None
 
 
 def check_mountpoint(path: str) -> None:
@@ -147,10 +118,12 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
-        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_size)
+        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_size,
+                              opts.store_timeout)
+        worker.adopt(backend.execution)
         check_mountpoint(mountpoint)
         check_fuse_device()
-        namespace = Namespace(backend, worker)
+        namespace = Namespace(backend, worker, ReadAheadBudget(opts.readahead_memory))
         worker.call(namespace.load)
         fs = VersionFS(namespace)
         namespace.root.info = {

@@ -15,8 +15,10 @@ import argparse
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, Iterable
 
-from .backends import DEFAULT_CACHE_BYTES
+from .backends import DEFAULT_CACHE_BYTES, DEFAULT_STORE_TIMEOUT
 from .errors import UserError
+
+DEFAULT_READAHEAD_BYTES = 512 << 20  # read-ahead memory of all open files together (cache.ReadAheadBudget)
 
 # mount(8)'s and fstab's own options: never passed to FUSE (the mount helper drops them).
 IGNORED = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "owner", "group", "defaults",
@@ -82,6 +84,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_dir", text, "DIR",
            "where S3 object versions and built .h5 images are kept (default: $XDG_CACHE_HOME/versionfs)"),
     Option("cache_size", size, "SIZE", "the cache's bound, e.g. 512M or 20G (default 4G)", DEFAULT_CACHE_BYTES),
+    Option("readahead_memory", size, "SIZE", "memory all open files together may hold read ahead, e.g. 256M "
+           "(default 512M)", DEFAULT_READAHEAD_BYTES),
+    Option("store_timeout", seconds, "SECONDS", "S3: a read the store has not answered within this long, retries "
+           "included, fails with EIO (default 30)", DEFAULT_STORE_TIMEOUT),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
