@@ -136,7 +136,7 @@ def _s3(ctx: Context, rows: list[Row], notes: list[str]) -> bool:
     suffix = "" if dropped else " (cache not dropped)"
     med = statistics.median
     r, o = mib_s(nbytes, med(ref)), mib_s(nbytes, med(ours))
-    rows.append(Row(f"boto3, 8 `download_fileobj` of different 64 MiB objects at once — reference", r, None, "—", reference=True))
+    rows.append(Row("boto3, 8 `download_fileobj` of different 64 MiB objects at once — reference", r, None, "—", reference=True))
     rows.append(Row(f"versionfs, 8 `cat` of different 64 MiB objects at once, cold (fresh mount and disk cache){suffix}",
                     o, o / r, f"≥ 0.8× ({'met' if o >= 0.8 * r else '**not met**'})"))
     runs = lambda times: " / ".join(f"{mib_s(nbytes, t):.0f}" for t in times)  # noqa: E731

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 import trio
 
 from .errors import StoreUnavailable
+from .options import DEFAULT_READAHEAD_BYTES  # the budget of all open files together (--readahead-memory)
 
 MIN_BLOCK = 1 << 20  # blocks of about 1 MiB (whole chunk rows): one backend call each
 # The largest window of a local file: 16 MiB ahead keeps the disk busy with
@@ -35,7 +36,6 @@ MAX_WINDOW_BYTES = 16 << 20
 # so they arrive out of order by up to what it reads ahead (8 MiB, see
 # daemon.READAHEAD_KB): reads that near the stream belong to it.
 KERNEL_REORDER = 8 << 20
-DEFAULT_READAHEAD_BYTES = 512 << 20  # the budget of all open files together (--readahead-memory)
 # A block the store could not give answers the requests for it that come this
 # soon after with the same failure: the kernel retries a failed read-ahead at
 # once, page by page, and each retry would wait the whole --store-timeout again.
