@@ -375,6 +375,8 @@ def test_a_path_keeps_what_versioned_hdf5_pinned_for_it(src, mount, tmp_path):
         # The new dtype and rank are kept under an internal name, shown as e.npy.
         [stored] = [n for n in v if n.startswith("e~")]
         assert np.array_equal(v[stored][()], e) and v[stored].attrs["_versionfs_name"] == "e"
+    with h5py.File(versions / "r9.h5", "r") as plain:  # the plain file has it under its own name
+        assert np.array_equal(plain["e"][()], e) and "_versionfs_name" not in plain["e"].attrs
 
 
 def peak_rss(pid: int) -> int:

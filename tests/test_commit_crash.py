@@ -187,7 +187,7 @@ def test_a_full_disk_leaves_the_mount_as_it_was(small_disk, tmp_path, mount, sho
         if result.returncode == 0:
             break
         failures += 1
-        assert result.returncode == 1 and "No space left on device" in result.stderr, result.stderr
+        assert result.returncode == 1 and "No space left on device" in result.stderr, (result.stderr, m.log[-3000:])
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert source.read_bytes() == original  # the file is as it was
         assert not os.path.exists(str(source) + ".versionfs-journal")

@@ -45,6 +45,7 @@ MAGIC = b"VFSJRNL2"
 OLD_MAGICS = (b"VFSJRNL1",)  # written by earlier versions, without an identity
 TRAILER = b"END!"
 BLOCK = 4096
+SPILL_MAX = 256 << 20  # what a failed commit holds in memory before HDF5 is told
 _LENGTH = struct.Struct("<I")  # a length-prefixed part
 _RECORD = struct.Struct("<QQ")  # offset, length
 _SHA = 32
@@ -251,6 +252,7 @@ class JournaledFile:
         self._shadow: dict[int, bytearray] = {}
         self._undo: list[tuple[int, bytes]] = []
         self.failure: OSError | None = None  # the first write to the file that failed
+        self._spilled: dict[int, bytearray] = {}  # blocks written after it (see _spill_write)
         try:
             _recover_locked(self.fd, path)
             self.identity = Identity.of(self.fd, path)
@@ -348,6 +350,12 @@ class JournaledFile:
                 if block is not None:
                     lo, hi = max(pos, i * BLOCK), min(end, i * BLOCK + len(block))
                     out[lo - pos : hi - pos] = block[lo - i * BLOCK : hi - i * BLOCK]
+        if self._spilled and end > self.base_size:
+            for i in range(max(pos, self.base_size) // BLOCK, (end - 1) // BLOCK + 1):
+                block = self._spilled.get(i)
+                if block is not None:
+                    lo, hi = max(pos, i * BLOCK), min(end, (i + 1) * BLOCK)
+                    out[lo - pos : hi - pos] = block[lo - i * BLOCK : hi - i * BLOCK]
 
     def _write(self, pos: int, data: memoryview) -> None:
         end = pos + len(data)
@@ -358,17 +366,41 @@ class JournaledFile:
                 block[lo - i * BLOCK : hi - i * BLOCK] = data[lo - pos : hi - pos]
         if end > self.base_size:
             start = max(pos, self.base_size)
-            try:
-                _write_all(self.fd, data[start - pos :], start)
-            except OSError as e:
-                # h5py reports a failed write as a confusing SystemError: keep the cause.
-                self.failure = self.failure or e
-                raise
+            if self.failure is None:
+                try:
+                    _write_all(self.fd, data[start - pos :], start)
+                except OSError as e:
+                    self.failure = e
+            if self.failure is not None:
+                self._spill_write(start, data[start - pos :])
         self.size = max(self.size, end)
+
+    def _spill_write(self, pos: int, data: memoryview) -> None:
+        """After a failed write (a full disk) the commit is lost, but HDF5 is not
+        told: libhdf5 can crash on its error paths (seen with a full disk). What it
+        writes from then on is kept in memory, so that it reads back what it wrote,
+        until the writer sees ``failure`` (``check``) and the commit is aborted."""
+        end = pos + len(data)
+        for i in range(pos // BLOCK, (end - 1) // BLOCK + 1):
+            block = self._spilled.get(i)
+            if block is None:
+                block = self._spilled[i] = bytearray(BLOCK)
+                on_disk = os.pread(self.fd, BLOCK, i * BLOCK)
+                block[: len(on_disk)] = on_disk
+            lo, hi = max(pos, i * BLOCK), min(end, (i + 1) * BLOCK)
+            block[lo - i * BLOCK : hi - i * BLOCK] = data[lo - pos : hi - pos]
+        if len(self._spilled) * BLOCK > SPILL_MAX:
+            raise self.failure  # HDF5's error path after all, rather than unbounded memory
+
+    def check(self) -> None:
+        """Raise the first failed write: the commit cannot succeed any more."""
+        if self.failure is not None:
+            raise self.failure
 
     # -- the end of a commit -------------------------------------------------------
     def commit(self) -> None:
         """Make the new content durable, atomically (see the module docstring)."""
+        self.check()
         records = [(i * BLOCK, os.pread(self.fd, len(self._shadow[i]), i * BLOCK)) for i in sorted(self._shadow)]
         new_head = hashlib.sha256(self._read(0, min(BLOCK, self.size))).hexdigest()
         _write_all(self._jfd, complete(self.identity, records, self.size, new_head))
@@ -409,6 +441,7 @@ class JournaledFile:
 
     def _close(self) -> None:
         self._shadow.clear()
+        self._spilled.clear()
         for fd in (self._jfd, self.fd):
             try:
                 os.close(fd)

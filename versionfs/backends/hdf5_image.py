@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from ..logs import once
+from .hdf5_format import NAME_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class _Builder:
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
                 self._copy_group(obj, child)
             elif isinstance(obj, h5py.Dataset):
-                self._copy_or_skip(obj, dst, name, self.plans.get(obj.name))
+                self._copy_or_skip(obj, dst, _plain_name(obj, name, src), self.plans.get(obj.name))
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")
 
@@ -408,3 +409,11 @@ def _datasets(group: h5py.Group) -> list[tuple[str, h5py.Dataset]]:
 def build(source: h5py.File, group_path: str, internal_attrs: frozenset[str]) -> Image:
     """The plain-HDF5 image of the group ``group_path`` of ``source`` (blocking)."""
     return _Builder(source, group_path, internal_attrs).build()
+
+
+def _plain_name(ds: h5py.Dataset, name: str, group: h5py.Group) -> str:
+    """The name a dataset has in the plain file: the one it stands for if the writer
+    stored it under an internal name (``NAME_ATTR``), unless that one is taken."""
+    stored = ds.attrs.get(NAME_ATTR)
+    stored = stored.decode("utf-8", "surrogateescape") if isinstance(stored, bytes) else stored
+    return stored if isinstance(stored, str) and stored and "/" not in stored and stored not in group else name

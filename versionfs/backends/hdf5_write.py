@@ -70,17 +70,13 @@ UTC = dt.timezone.utc
 def commit(path: str, parent: str | None, changes: list[Change], name: str, message: str | None, parent_tree: Dir,
            progress: Progress | None = None) -> None:
     """Write ``changes`` on top of ``parent`` as version ``name`` (blocking)."""
-    meter = Meter(changes, parent_tree, progress)
     jf = JournaledFile(path)
     try:
-        # The parent version's data is read through a plain read-only handle: until
-        # the commit ends, every byte it can see on disk is the parent's (writes
-        # over old bytes are held back), and HDF5's own driver reads far faster
-        # than the journaled file object.
-        with h5py.File(jf, "r+") as f, h5py.File(path, "r", locking=False) as parent_file:
+        meter = Meter(changes, parent_tree, progress, jf.check)
+        with h5py.File(jf, "r+") as f:
             vf = VersionedHDF5File(f)
             prev = parent or FIRST_VERSION
-            writer = _Writer(f, prev, parent_tree, meter, parent_file[f"{VERSIONS_GROUP}/{prev}"])
+            writer = _Writer(f, prev, parent_tree, meter)
             with vf.stage_version(name, prev_version=prev, timestamp=dt.datetime.now(UTC)) as group:
                 writer.start(group)
                 if message:
@@ -88,20 +84,26 @@ def commit(path: str, parent: str | None, changes: list[Change], name: str, mess
                 writer.apply(changes)
             writer.finish(name)
         jf.commit()
+        return
     except BaseException as e:
         jf.abort()
         failure = jf.failure or (e if isinstance(e, OSError) and e.errno else None)
-        if failure is not None:
-            raise CommitError(f"{path}: the new version could not be written ({failure.strerror}); the file is as "
-                              "it was and staging is kept: commit again once that is fixed") from None
-        raise
+        if failure is None:
+            raise
+        reason = failure.strerror
+    # Raised outside the handler and with no traceback kept: frames of the failed
+    # commit hold h5py objects of a closed file, which crash the interpreter when
+    # they are freed late (seen at exit after a full disk).
+    jf.failure = failure = None
+    raise CommitError(f"{path}: the new version could not be written ({reason}); the file is as it was and staging "
+                      "is kept: commit again once that is fixed")
 
 
 class Meter:
     """Progress of one commit in files and bytes (``Progress`` is told both)."""
 
-    def __init__(self, changes: list[Change], tree: Dir, report: Progress | None):
-        self.report = report
+    def __init__(self, changes: list[Change], tree: Dir, report: Progress | None, check: Any = None):
+        self.report, self.check = report, check  # check(): raises once the commit cannot succeed
         self.files_total = len(changes)
         self.bytes_total = sum(_change_bytes(c, tree) for c in changes)
         self.files = self.bytes = 0
@@ -115,6 +117,8 @@ class Meter:
         self._tell()
 
     def _tell(self) -> None:
+        if self.check is not None:
+            self.check()
         if self.report is not None:
             self.report(self.files, self.files_total, min(self.bytes, self.bytes_total), self.bytes_total)
 
@@ -256,10 +260,9 @@ class Place:
 
 
 class _Writer:
-    def __init__(self, f: h5py.File, prev: str, tree: Dir, meter: Meter, parent: h5py.Group):
+    def __init__(self, f: h5py.File, prev: str, tree: Dir, meter: Meter):
         self.f, self.prev, self.tree, self.meter = f, prev, tree, meter
         self.prev_group = f[f"{VERSIONS_GROUP}/{prev}"]
-        self.parent = parent  # the same group, read through the plain handle (its data only)
         self.data = f["_version_data"]
         self.g: Any = None
         self.streamed: dict[str, Streamed] = {}  # h5 name -> dataset made after stage_version
@@ -390,7 +393,7 @@ class _Writer:
         if entry.content is not None:
             return entry.content
         # A rename onto an existing file of another kind: the bytes the parent version shows.
-        ds = self.parent[_relative(entry.ref, self.prev)]
+        ds = self.prev_group[_relative(entry.ref, self.prev)]
         kind = ref_kind(entry.ref)
         if kind == "raw":
             return ds[()].tobytes()
@@ -419,7 +422,7 @@ class _Writer:
                 if kind is None or kind == source_kind:
                     # A rename: the dataset as it is (same dtype, chunks, attributes).
                     dest = _renamed(h5path, leaf, source_kind) if kind is None else h5path
-                    return self.copy_dataset(self.parent[_relative(source.ref, self.prev)], dest, change.path)
+                    return self.copy_dataset(self.prev_group[_relative(source.ref, self.prev)], dest, change.path)
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
             layout = npy_layout(change.local) if change.local is not None else _saved_layout(self.content(change))
             if layout is not None:
@@ -465,7 +468,7 @@ class _Writer:
     def put_array(self, name: str, layout: NpyLayout, change: Change, existing: bool, attrs: dict[str, Any]) -> None:
         shown = change.path
         if existing:
-            old = self.parent.get(name)
+            old = self.prev_group.get(name)
             if isinstance(old, h5py.Dataset):
                 if old.dtype != layout.dtype:
                     raise CommitError(f"{shown}: dtype {layout.dtype} cannot replace {old.dtype} of dataset /{name} "
