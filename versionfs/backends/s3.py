@@ -654,9 +654,13 @@ def guess_part_sizes(size: int, parts: int) -> list[int]:
 def enable_versioning(url: str, endpoint_url: str | None = None) -> str:
     """``versionfs init s3://bucket``: turn versioning on (creating nothing else)."""
     import boto3
+    from botocore.config import Config
 
     bucket, _ = parse_url(url)
-    client = boto3.client("s3", endpoint_url=endpoint_url)
+    # As the mount's probe: an endpoint that does not answer is said in seconds.
+    client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=s3_data.PROBE_TIMEOUT,
+        read_timeout=s3_data.PROBE_TIMEOUT))
     try:
         client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     except Exception as e:  # noqa: BLE001 - said for people by bucket_failure
@@ -672,7 +676,8 @@ def bucket_failure(what: str, bucket: str, error: Exception) -> Exception:
     if isinstance(error, NoCredentialsError):
         return SourceError(f"{what}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID, or use ~/.aws or an instance role)")
     if isinstance(error, EndpointConnectionError):
-        return SourceError(f"{what}: cannot reach {error.kwargs.get('endpoint_url')}: is the endpoint right "
+        where = urlparse(str(error.kwargs.get("endpoint_url", "")))
+        return SourceError(f"{what}: cannot reach {where.scheme}://{where.netloc}: is the endpoint right "
                            "(--endpoint-url, endpoint_url=, AWS_ENDPOINT_URL) and the store up?")
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
