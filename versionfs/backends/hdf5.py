@@ -104,7 +104,7 @@ class HDF5Backend:
     under ``_lock`` (a commit holds it throughout: it closes and reopens the
     file), and chunks they read straight from the file need no lock at all."""
 
-    execution = Execution(serial=True, reads=4)
+    execution = Execution(serial=True, reads=8)  # reads wait on the disk or decode without the GIL
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
