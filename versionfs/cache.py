@@ -59,6 +59,15 @@ class Lru(Generic[V]):
         self._items.clear()
         self._total = 0
 
+    def discard(self, key: Hashable) -> None:
+        if key in self._items:
+            self._total -= self.weight(self._items.pop(key))
+
+    @property
+    def total(self) -> int:
+        """The weights of what is kept, added up."""
+        return self._total
+
 
 Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
 Spawn = Callable[..., Any]

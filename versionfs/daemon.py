@@ -27,7 +27,7 @@ from .backends import DEFAULT_CACHE_BYTES, open_backend
 from .backends.base import Backend
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
-from .errors import UserError
+from .errors import ControlError, UserError
 from .fs import VersionFS
 from .namespace import Namespace
 from .staging import Overlay
@@ -129,7 +129,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             finish_interrupted(overlay, set(namespace.by_name))
             namespace.overlay = overlay
             committer = Committer(namespace, overlay)
-            namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
+        namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
         pyfuse3.init(fs, mountpoint, fuse_options(opts))
         mounted = True
         os.chdir("/")  # never keep a directory busy
@@ -168,19 +168,24 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
             "errors": fs.failure_count,
         }
 
+    async def stats() -> dict:
+        """What was built and what is kept (tests assert that listings build nothing)."""
+        return {"built": dict(namespace.backend.counters), "kept": namespace.kept(), "rss_bytes": _rss_bytes()}
+
+    async def read_only(**_: object) -> None:
+        raise ControlError("this mount is read-only (-o ro): it has no staging/")
+
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
+        handlers = {"health": health, "stats": stats}
         if committer is not None:
-            handlers = {
-                "commit": committer.commit,
-                "status": committer.status,
-                "discard": committer.discard,
-                "rollback": committer.rollback,
-                "health": health,
-            }
-            await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
+            handlers.update(commit=committer.commit, status=committer.status, discard=committer.discard,
+                            rollback=committer.rollback)
             if opts.autocommit:
                 nursery.start_soon(_autocommit, committer, opts.autocommit)
+        else:
+            handlers.update(commit=read_only, status=read_only, discard=read_only, rollback=read_only)
+        await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
         if namespace.backend.poll_interval:
             nursery.start_soon(_watch_versions, namespace, namespace.backend.poll_interval)
         nursery.start_soon(_on_signals)
@@ -208,6 +213,11 @@ async def _autocommit(committer: Committer, idle_seconds: float) -> None:
             except UserError as e:
                 log.warning("autocommit: %s", e)
                 failed_state = overlay.last_change  # retried once staging changes again
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 POLL_SHARE = 10  # a poll waits at least this many times as long as the last listing took

@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
 
@@ -25,6 +26,10 @@ from .namespace import Handle, Namespace, Node, mode_bits
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 NAME_MAX = 255
+# A size a listing left out (it costs a build: an .h5 image, a text file) stays
+# left out this long for the stats that follow the listing (``ls -l``), unless
+# the file is opened: then its exact size is given at once.
+LISTING_GRACE = 2.0
 
 
 def _guard(fn: F) -> F:
@@ -70,6 +75,7 @@ class VersionFS(pyfuse3.Operations):
         self._next_fh = 1
         self._failures: Counter[tuple[str, str]] = Counter()
         self._root_names: set[str] = set()  # root entries the kernel may have cached
+        self._placeholders: dict[int, float] = {}  # inode -> until when a listing's placeholder attributes stand
         self.uid, self.gid = os.getuid(), os.getgid()
         namespace.listeners.append(self.invalidate_root_entries)
 
@@ -103,9 +109,17 @@ class VersionFS(pyfuse3.Operations):
         return node
 
     async def _entry(self, node: Node, count: bool = True, listing: bool = False) -> pyfuse3.EntryAttributes:
-        attr = await (node.listing_attr() if listing else node.attr())
+        inode = self._inode(node, count)
+        placeholder = listing
+        if not listing and inode in self._placeholders:  # a stat right after a listing (ls -l)
+            placeholder = self._placeholders[inode] > time.monotonic()
+            if not placeholder:
+                del self._placeholders[inode]
+        attr = await (node.listing_attr() if placeholder else node.attr())
+        if listing and not attr.exact:
+            self._note_placeholder(inode)
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = self._inode(node, count)
+        entry.st_ino = inode
         entry.generation = 0
         entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else 0
         entry.st_mode = mode_bits(attr)
@@ -116,6 +130,12 @@ class VersionFS(pyfuse3.Operations):
         entry.st_blocks = -(-attr.size // 512)
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
         return entry
+
+    def _note_placeholder(self, inode: int) -> None:
+        now = time.monotonic()
+        if len(self._placeholders) > 8192:
+            self._placeholders = {i: t for i, t in self._placeholders.items() if t > now}
+        self._placeholders[inode] = now + LISTING_GRACE
 
     def _new_handle(self, obj: Any) -> int:
         fh = self._next_fh
@@ -209,6 +229,7 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        self._placeholders.pop(inode, None)  # opened: its reader needs the exact size
         handle: Handle = await node.open(flags)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=node.keep_cache)
 

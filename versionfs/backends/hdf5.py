@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import os
-import struct
 import time
 from collections import Counter
 from typing import Any, NamedTuple
@@ -189,7 +188,7 @@ class HDF5Backend:
         if info is None:
             try:
                 info = self.raw.object_info(address)
-            except (ValueError, struct.error, OSError) as e:
+            except hdf5_raw.ERRORS as e:
                 log.debug("object at %d is read through h5py (%s)", address, e)
                 info = None
             self.counters["headers read"] += 1
@@ -212,7 +211,7 @@ class HDF5Backend:
                         out[name] = self.raw.attribute_value(message)
                 out["user"] = user
                 return out
-            except (ValueError, TypeError, struct.error) as e:
+            except hdf5_raw.ERRORS as e:
                 log.debug("%s: attributes read through h5py (%s)", h5path, e)
         obj = self.f[h5path]
         self.counters["objects opened"] += 1
@@ -453,8 +452,12 @@ class HDF5Backend:
             info = self._object(link.u) if link.type == h5py.h5l.TYPE_HARD else None
             user = self._attrs_of(link.u, h5path)["user"] if info is not None else user_attrs(self._dataset(h5path))
         digest = hashlib.sha1()
-        if info is not None and info.vds is not None:
-            for part in (info.space_raw, info.dtype_raw, info.fill, self.raw.mapping_block(info)):
+        try:
+            block = self.raw.mapping_block(info) if info is not None else None
+        except hdf5_raw.ERRORS:
+            block = None
+        if block is not None:
+            for part in (info.space_raw, info.dtype_raw, info.fill, block):
                 digest.update(len(part).to_bytes(8, "little") + part)
         else:
             digest.update(repr(self.fingerprint(entry.ref)).encode())
@@ -541,10 +544,14 @@ class HDF5Backend:
         link = self.f.id.links.get_info(ref.h5path.encode("utf-8", "surrogateescape"))
         info = self._object(link.u) if link.type == h5py.h5l.TYPE_HARD else None
         if info is not None and info.vds is not None and info.shape is not None and info.dtype is not None:
-            mapping = hdf5_raw.decode_mapping(self.raw.mapping_block(info), len(info.shape))
+            try:
+                mapping = hdf5_raw.decode_mapping(self.raw.mapping_block(info), len(info.shape))
+                fill = hdf5_raw.fill_value(info.fill)
+            except hdf5_raw.ERRORS:
+                mapping = None
             if mapping is not None:
                 arrays = b"".join(a.tobytes() for a in (mapping.vstart, mapping.sstart, mapping.count))
-                return (info.shape, info.dtype.str, hdf5_raw.fill_value(info.fill), mapping.source,
+                return (info.shape, info.dtype.str, fill, mapping.source,
                         hashlib.sha256(arrays).digest())
         ds = self._dataset(ref.h5path)
         virtual = [(f, n, v, s_) for f, n, v, s_ in hdf5_image.virtual_mapping(ds)]

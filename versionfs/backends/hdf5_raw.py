@@ -32,6 +32,8 @@ DATASPACE, DATATYPE, FILL_VALUE, LAYOUT, CONTINUATION, ATTRIBUTE, ATTRIBUTE_INFO
 SHARED = 0x02  # message flag: the message lives elsewhere
 UNDEFINED = (1 << 64) - 1
 HEAP_CACHE_BYTES = 16 << 20
+# What reading a file this module does not understand can raise: callers then ask h5py.
+ERRORS = (ValueError, struct.error, OSError, OverflowError, IndexError, KeyError, TypeError)
 HEADER_READ = 4096  # first read of an object header; most fit
 
 
@@ -226,6 +228,8 @@ class RawReader:
         """A virtual dataset's encoded mapping (the bytes of its heap block)."""
         if info.vds is None:
             return None
+        if info.vds[0] == UNDEFINED:  # no mappings at all (every element is the fill value)
+            return b""
         return self.heap_object(*info.vds)
 
     # -- attributes ------------------------------------------------------------------------
@@ -337,9 +341,11 @@ def decode_mapping(block: bytes, rank: int) -> Mapping | None:
     source file, source dataset, source selection, virtual selection) when it is
     one block to one block of one dataset in this file; else None. Entries that
     are laid out alike (versioned-hdf5 writes them so) are decoded together."""
-    if not block or block[0] != 0 or rank < 1:
+    if rank < 1:
         return None
-    count = struct.unpack_from("<Q", block, 1)[0]
+    count = struct.unpack_from("<Q", block, 1)[0] if block else 0
+    if block and block[0] != 0:
+        return None
     if count == 0:
         return Mapping("", *(np.zeros((0, rank), np.int64) for _ in range(3)))
     first = _entry(block, 9, rank)
