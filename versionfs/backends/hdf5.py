@@ -36,7 +36,8 @@ from .base import (NAME_MAX, Change, Dir, File, History, Progress, Revision, Ver
 log = logging.getLogger(__name__)
 
 TEXT_CACHE_BYTES = 64 << 20
-IMAGE_CACHE_SIZE = 64  # built images kept (metadata only: pages and chunk offsets)
+IMAGE_CACHE_BYTES = 256 << 20  # built images kept (metadata only: pages, 24 bytes a chunk)
+CHUNK_INDEX_BYTES = 128 << 20  # raw datasets' chunk indexes kept (about 40 bytes a chunk)
 OBJECT_CACHE_SIZE = 4096  # object headers kept, read (a few hundred bytes each)
 OPEN_DATASETS = 16  # datasets kept open for reads
 
@@ -114,7 +115,8 @@ class HDF5Backend:
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
         self.raw = hdf5_raw.RawReader(self.path, self.f.id)
-        self._images: Lru[hdf5_image.Image] = Lru(IMAGE_CACHE_SIZE)
+        self._images: Lru[hdf5_image.Image] = Lru(IMAGE_CACHE_BYTES, weight=lambda image: image.nbytes)
+        self._chunk_indexes: Lru[hdf5_raw.ChunkIndex] = Lru(CHUNK_INDEX_BYTES, weight=lambda index: index.nbytes)
         self.cache = cache  # built images, kept across mounts
         self._objects: Lru[hdf5_raw.ObjectInfo] = Lru(OBJECT_CACHE_SIZE)  # by object address
         self._datasets: Lru[h5py.Dataset] = Lru(OPEN_DATASETS)
@@ -484,12 +486,22 @@ class HDF5Backend:
     def _build_image(self, version: str) -> hdf5_image.Image:
         started = time.monotonic()
         self.counters["images"] += 1
-        image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS)
+        image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS, self.raw, self.chunk_index)
         log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
                  version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
         if self.cache is not None and image.complete:
             self.cache.put(self._image_identity(version), 0, image.to_bytes())
         return image
+
+    def chunk_index(self, raw: h5py.Dataset) -> hdf5_raw.ChunkIndex | None:
+        """Where a raw dataset's chunks are (shared by every version mapping into
+        it; arrays of about 40 bytes a chunk, kept by size). Raw chunks are only
+        ever appended, and commits clear it."""
+        index = self._chunk_indexes.get(raw.name)
+        if index is None:
+            self.counters["chunk indexes"] += 1
+            index = self._chunk_indexes.put(raw.name, hdf5_image.chunk_index_of(self.raw, raw))
+        return index
 
     def _stored_image(self, version: str) -> hdf5_image.Image | None:
         """The image from the disk cache, if this very file had it built before."""
@@ -572,6 +584,7 @@ class HDF5Backend:
             # read again (a commit may write into existing ones).
             self._images.clear()
             self._objects.clear()
+            self._chunk_indexes.clear()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_RDONLY)
         return name

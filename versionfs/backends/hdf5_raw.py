@@ -60,6 +60,24 @@ class Mapping:
 
 
 @dataclass(frozen=True)
+class ChunkIndex:
+    """Where a chunked dataset's chunks are stored, as arrays in chunk order
+    (row-major over the chunk grid): chunk i starts at element ``offsets[i]``,
+    is stored at byte ``addresses[i]`` of the file, ``sizes[i]`` bytes long, with
+    filter mask ``masks[i]``. About 8 * (rank + 3) bytes a chunk."""
+
+    chunks: tuple[int, ...]
+    offsets: np.ndarray  # (n, rank) int64
+    addresses: np.ndarray  # int64
+    sizes: np.ndarray  # int64
+    masks: np.ndarray  # uint32
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.addresses.nbytes + self.sizes.nbytes + self.masks.nbytes
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """What an object header says (None where it does not say, or not simply)."""
 
@@ -67,6 +85,7 @@ class ObjectInfo:
     shape: tuple[int, ...] | None
     dtype: np.dtype | None
     fill: bytes  # the fill value message as stored ('' if none)
+    layout: bytes  # the layout message as stored
     dtype_raw: bytes
     space_raw: bytes
     vds: tuple[int, int] | None  # a virtual dataset's heap block: (collection address, object index)
@@ -185,7 +204,7 @@ class RawReader:
                 by_type.setdefault(m.type, m)
         if DATATYPE not in by_type or DATASPACE not in by_type:
             kind = "group" if any(t in by_type for t in (0x11, 0x02, 0x06, 0x0A)) else "other"
-            return ObjectInfo(kind, None, None, b"", b"", b"", None, attrs)
+            return ObjectInfo(kind, None, None, b"", b"", b"", b"", None, attrs)
         dtype_msg, space_msg = by_type[DATATYPE], by_type[DATASPACE]
         shape = None if space_msg.flags & SHARED else dataspace_shape(space_msg.body)
         dtype = None
@@ -199,7 +218,8 @@ class RawReader:
         if layout is not None and layout.body[:2] == b"\x04\x03":
             vds = struct.unpack_from("<QI", layout.body, 2)
         fill = by_type.get(FILL_VALUE)
-        return ObjectInfo("dataset", shape, dtype, fill.body if fill else b"", dtype_msg.body, space_msg.body, vds, attrs)
+        return ObjectInfo("dataset", shape, dtype, fill.body if fill else b"", layout.body if layout else b"",
+                          dtype_msg.body, space_msg.body, vds, attrs)
 
     # -- heaps -------------------------------------------------------------------------
     def heap_object(self, collection: int, index: int) -> bytes:
@@ -231,6 +251,42 @@ class RawReader:
         if info.vds[0] == UNDEFINED:  # no mappings at all (every element is the fill value)
             return b""
         return self.heap_object(*info.vds)
+
+    def chunk_index(self, info: ObjectInfo) -> ChunkIndex | None:
+        """The chunk index of a dataset stored in a version 1 B-tree (what files
+        of the earliest format, as versioned-hdf5 writes them, use); None for any
+        other index. One read per B-tree node, decoded a node at a time."""
+        layout = info.layout
+        if info.shape is None or len(layout) < 4 or layout[:2] != b"\x03\x02":
+            return None
+        dims = layout[2]
+        rank = dims - 1
+        address = struct.unpack_from("<Q", layout, 3)[0]
+        chunks = struct.unpack_from(f"<{rank}I", layout, 11)
+        if rank != len(info.shape):
+            return None
+        record = np.dtype([("size", "<u4"), ("mask", "<u4"), ("offsets", "<u8", (dims,)), ("child", "<u8")])
+        leaves: list[np.ndarray] = []
+        pending = [] if address == UNDEFINED else [address]
+        while pending:
+            node = pending.pop()
+            head = self._read(node, 24)
+            if head[:4] != b"TREE" or head[4] != 1:
+                return None
+            level, used = head[5], struct.unpack_from("<H", head, 6)[0]
+            entries = np.frombuffer(self._read(node + 24, used * record.itemsize), record, used)
+            if level:
+                pending += [int(c) for c in entries["child"][::-1]]
+            else:
+                leaves.append(entries)
+        entries = np.concatenate(leaves) if leaves else np.zeros(0, record)
+        offsets = entries["offsets"][:, :rank].astype(np.int64)
+        grid = [-(-n // c) for n, c in zip(info.shape, chunks)] if all(info.shape) else [0] * rank
+        if len(entries) and grid and all(grid):
+            order = np.argsort(np.ravel_multi_index(tuple((offsets // chunks).T), grid, mode="clip"), kind="stable")
+            entries, offsets = entries[order], offsets[order]
+        return ChunkIndex(tuple(chunks), offsets, entries["child"].astype(np.int64), entries["size"].astype(np.int64),
+                          entries["mask"].copy())
 
     # -- attributes ------------------------------------------------------------------------
     def attribute_value(self, message: Message) -> Any:

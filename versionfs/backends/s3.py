@@ -594,30 +594,31 @@ class _Scan:
         self.alive: dict[str, tuple[tuple[int, int], ...]] = {}
         self._digest = hashlib.blake2b(digest_size=16)
         self._open: list[tuple[str, Any, list[tuple[int, int]]]] = []  # (directory, its digest, intervals) from the top
-        self._key: str | None = None
-        self._versions: list[ObjectVersion] = []
+        self._pending: dict[str, list[ObjectVersion]] = {}  # keys whose versions may not all be listed yet
 
     @property
     def signature(self) -> bytes:
         return self._digest.digest()
 
     def add(self, page: list[ObjectVersion]) -> None:
+        # Keys come in order from page to page, but within a page some servers list
+        # every version before every delete marker, and a key's versions may go on
+        # into the next page: every key of a page but its last is complete.
         for version in page:
-            if version.key != self._key:
-                self._key_done()
-                self._key = version.key
-            self._versions.append(version)
+            self._pending.setdefault(version.key, []).append(version)
+        if not page:
+            return
+        last = max(v.key for v in page)
+        for key in sorted(k for k in self._pending if k != last):
+            self._key_done(key, self._pending.pop(key))
 
     def finish(self) -> None:
-        self._key_done()
+        for key in sorted(self._pending):
+            self._key_done(key, self._pending.pop(key))
         while self._open:
             self._close()
 
-    def _key_done(self) -> None:
-        if self._key is None:
-            return
-        key, versions = self._key, self._versions
-        self._key, self._versions = None, []
+    def _key_done(self, key: str, versions: list[ObjectVersion]) -> None:
         versions.sort(key=lambda v: v.modified, reverse=True)  # newest first; ties keep listing order
         for v in versions:
             self.instants.add(v.modified)
@@ -645,9 +646,13 @@ class _Scan:
 
     def _close(self) -> None:
         directory, digest, intervals = self._open.pop()
+        # (A directory met again can only come from a server that lists keys out of
+        # order across pages: what it had is kept, not overwritten.)
+        if directory in self.dir_digests:
+            digest.update(self.dir_digests[directory])
         self.dir_digests[directory] = digest.digest()
         if directory:
-            self.alive[directory] = _merged(intervals)
+            self.alive[directory] = _merged([*self.alive.get(directory, ()), *intervals])
 
 
 def _live_intervals(newest_first: list[ObjectVersion]) -> list[tuple[int, int]]:
