@@ -154,3 +154,29 @@ def test_s3_views_list_one_directory_at_a_time(moto, mount):
     assert ls(m.path / f"versions/{versions[0]}") == ["d0", "d1", "d2", "d3"]
     assert (m.path / f"versions/{versions[0]}/d1/k0").read_bytes() == b"10"
     assert built(m.path)["directory listings"] == 2  # shared by every version
+
+
+def test_poll_sets_how_often_other_writers_are_looked_for(moto, mount):
+    s3 = make_client(moto)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"one")
+    never = mount(f"s3://{bucket}", "--endpoint-url", moto, "-o", "ro", "--poll", "0")
+    often = mount(f"s3://{bucket}", "--endpoint-url", moto, "-o", "ro", "--poll", "0.5")
+    time.sleep(1.05)
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"two")
+    deadline = time.monotonic() + 10
+    while (often.path / "latest/a.txt").read_bytes() != b"two":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    lists = built(often.path)["version lists"]
+    time.sleep(2)
+    assert built(often.path)["version lists"] >= lists + 2  # about one listing of the prefix per 0.5 s
+    assert (never.path / "latest/a.txt").read_bytes() == b"one"
+    assert built(never.path)["version lists"] == 1  # the mount's own
+
+
+def test_poll_is_a_mount_option_too():
+    from versionfs.mount_helper import mount_argv
+
+    assert mount_argv(["s3://b/p", "/mnt", "-o", "ro,poll=60"])[0] == ["mount", "s3://b/p", "/mnt", "--poll", "60", "-o", "ro"]
+    assert run_versionfs("mount", "s3://b", "/nonexistent", "--poll", "-1").returncode == 2

@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options, comma separated (ro, allow_other, ...)")
     m.add_argument("--state-dir", help="where logs and staged data live (default: $XDG_STATE_HOME/versionfs)")
     m.add_argument("--autocommit", type=float, metavar="SECONDS", help="commit staging once it has been idle this long")
+    m.add_argument("--poll", type=_seconds, metavar="SECONDS",
+                   help="S3: look for other writers' versions this often (default 5; 0: never)")
     m.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     m.add_argument("--cache-dir", help="where S3 object versions and built .h5 images are kept (default: $XDG_CACHE_HOME/versionfs)")
     m.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="S3: the cache's bound, e.g. 512M or 20G (default 4G)")
@@ -84,6 +86,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 512M or 20G)") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def _mount_options(raw: list[str]) -> list[str]:
     return [o for group in raw for o in group.split(",") if o]
 
@@ -97,6 +109,7 @@ def _mount(args: argparse.Namespace) -> None:
     )
     if args.cache_size is not None:
         opts.cache_bytes = args.cache_size
+    opts.poll = args.poll
     if args.foreground:
         daemon.serve(opts, daemon.ready_writer(args.ready_fd))
         return
@@ -107,6 +120,7 @@ def _mount(args: argparse.Namespace) -> None:
     child += ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
     child += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     child += ["--cache-size", str(args.cache_size)] if args.cache_size is not None else []
+    child += ["--poll", str(args.poll)] if args.poll is not None else []
     daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
 
 

@@ -52,6 +52,7 @@ class MountOptions:
     endpoint_url: str | None = None
     cache_dir: str | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    poll: float | None = None  # seconds between looks for other writers' versions (None: the backend's; 0: never)
 
     @property
     def read_only(self) -> bool:
@@ -186,8 +187,10 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
         else:
             handlers.update(commit=read_only, status=read_only, discard=read_only, rollback=read_only)
         await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
-        if namespace.backend.poll_interval:
-            nursery.start_soon(_watch_versions, namespace, namespace.backend.poll_interval)
+        interval = poll_interval(namespace.backend, opts.poll)
+        if interval:
+            nursery.start_soon(_watch_versions, namespace, interval)
+        nursery.start_soon(fs.watch_callers)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()
@@ -218,6 +221,16 @@ async def _autocommit(committer: Committer, idle_seconds: float) -> None:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def poll_interval(backend: Backend, asked: float | None) -> float | None:
+    """How often to list versions again: --poll where other writers can add
+    versions (the backend says so by having an interval), else never."""
+    if backend.poll_interval is None:
+        if asked:
+            log.info("--poll is ignored: only this mount adds versions to %s", backend.description)
+        return None
+    return backend.poll_interval if asked is None else asked or None
 
 
 POLL_SHARE = 10  # a poll waits at least this many times as long as the last listing took

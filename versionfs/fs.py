@@ -18,10 +18,11 @@ from collections import Counter
 from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
 
 import pyfuse3
+import trio
 
 from .errors import FsError, classify
 from .logs import once
-from .namespace import Handle, Namespace, Node, mode_bits
+from .namespace import REQUEST, Handle, Namespace, Node, Request, mode_bits
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -30,11 +31,19 @@ NAME_MAX = 255
 # left out this long for the stats that follow the listing (``ls -l``), unless
 # the file is opened: then its exact size is given at once.
 LISTING_GRACE = 2.0
+# A request still unanswered after this long is given up (EINTR) once its caller
+# is being killed: the kernel keeps a killed caller waiting (state D) until then.
+INTERRUPT_CHECK = 0.25
 
 
 def _guard(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: "VersionFS", *args: Any) -> Any:
+        ctx = args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
+        request = Request(ctx.pid) if ctx is not None else None
+        token = REQUEST.set(request)
+        if request is not None:
+            self._requests.add(request)
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -49,8 +58,27 @@ def _guard(fn: F) -> F:
                 log.log(failure.level, "%s: %s (%s)", fn.__name__, e, errno.errorcode.get(failure.errno, failure.errno),
                         extra=once(("failure", fn.__name__, str(e))))
             raise pyfuse3.FUSEError(failure.errno) from None
+        finally:
+            REQUEST.reset(token)
+            if request is not None:
+                self._requests.discard(request)
 
     return wrapper  # type: ignore[return-value]
+
+
+def being_killed(pid: int) -> bool:
+    """Whether a process (a thread id, as FUSE gives it) is gone, a zombie, or has
+    SIGKILL pending (a fatal signal, such as Ctrl-C's SIGINT without a handler,
+    is turned into SIGKILL for every thread of the process)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return True
+    if status.get("State", "").strip()[:1] in ("Z", "X"):
+        return True
+    sigkill = 1 << (9 - 1)
+    return any(int(status.get(field, "0").strip() or "0", 16) & sigkill for field in ("SigPnd", "ShdPnd"))
 
 
 def _name(raw: bytes) -> str:
@@ -76,6 +104,7 @@ class VersionFS(pyfuse3.Operations):
         self._failures: Counter[tuple[str, str]] = Counter()
         self._root_names: set[str] = set()  # root entries the kernel may have cached
         self._placeholders: dict[int, float] = {}  # inode -> until when a listing's placeholder attributes stand
+        self._requests: set[Request] = set()  # being answered (those with a caller)
         self.uid, self.gid = os.getuid(), os.getgid()
         namespace.listeners.append(self.invalidate_root_entries)
 
@@ -136,6 +165,18 @@ class VersionFS(pyfuse3.Operations):
         if len(self._placeholders) > 8192:
             self._placeholders = {i: t for i, t in self._placeholders.items() if t > now}
         self._placeholders[inode] = now + LISTING_GRACE
+
+    async def watch_callers(self) -> None:
+        """Give up the waits of requests whose caller is being killed (run in the
+        daemon's nursery). pyfuse3 does not pass FUSE_INTERRUPT on, so the caller
+        is asked of /proc: a killed process that waits on us has SIGKILL pending."""
+        while True:
+            await trio.sleep(INTERRUPT_CHECK)
+            now = time.monotonic()
+            for request in list(self._requests):
+                if not request.interrupted and now - request.started >= INTERRUPT_CHECK and being_killed(request.pid):
+                    log.info("request of process %d given up: the process is being killed", request.pid)
+                    request.interrupt()
 
     def _new_handle(self, obj: Any) -> int:
         fh = self._next_fh

@@ -8,11 +8,13 @@ nodes into inodes; it never looks inside them.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import logging
 import os
 import stat as stat_mod
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable
 from urllib.parse import quote, unquote
@@ -40,6 +42,26 @@ SHORT_TTL = 1.0
 TREE_CACHE_ENTRIES = 100_000
 LISTING_CACHE_ENTRIES = 100_000
 HISTORY_CACHE_ENTRIES = 100_000
+
+
+class Request:
+    """The FUSE request a task is answering: who asked, since when, and the waits
+    that can be given up when its caller is killed (``Namespace.run``)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.started = time.monotonic()
+        self.interrupted = False
+        self.waits: set[trio.CancelScope] = set()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for scope in self.waits:
+            scope.cancel()
+
+
+# Set by fs.py for the task that answers a request.
+REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("versionfs_request", default=None)
 
 
 @dataclass(frozen=True)
@@ -482,7 +504,17 @@ class Namespace:
                 await work()
             else:
                 self.spawn(work)
-        await running.done.wait()
+        request = REQUEST.get()
+        with trio.CancelScope() as wait:
+            if request is not None:
+                request.waits.add(wait)
+                if request.interrupted:
+                    wait.cancel()
+            await running.done.wait()
+        if request is not None:
+            request.waits.discard(wait)
+        if wait.cancelled_caught:  # the caller was killed: answered now, the work goes on for the next
+            raise FsError(errno.EINTR)
         assert running.result is not None
         return running.result.unwrap()
 
