@@ -150,7 +150,9 @@ class VersionFS(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode
         entry.generation = 0
-        entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else 0
+        # A listing's placeholder stands for the stats that follow it (ls -l) in the
+        # kernel too; an open invalidates it there (see open).
+        entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else LISTING_GRACE if listing else 0
         entry.st_mode = mode_bits(attr)
         entry.st_nlink = attr.nlink
         entry.st_uid, entry.st_gid = self.uid, self.gid
@@ -255,8 +257,15 @@ class VersionFS(pyfuse3.Operations):
         data.f_namemax = NAME_MAX
         return data
 
-    @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # `ls -l` asks two or three of these for every entry (SELinux label, ACLs):
+        # only user.* attributes ever exist here, so the others are answered at once.
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._getxattr(inode, name)
+
+    @_guard
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         value = (await self._node(inode).xattrs()).get(os.fsdecode(name))
         if value is None:
             raise FsError(errno.ENODATA)
@@ -270,7 +279,14 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        self._placeholders.pop(inode, None)  # opened: its reader needs the exact size
+        if self._placeholders.pop(inode, 0) > time.monotonic():
+            # Opened: its reader needs the exact size, which the kernel must ask for
+            # again (it would stop reads at the placeholder's). No writeback cache:
+            # safe from a handler.
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as e:
+                log.debug("cannot invalidate inode %d: %s", inode, e)
         handle: Handle = await node.open(flags)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=node.keep_cache)
 

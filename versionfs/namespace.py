@@ -345,6 +345,11 @@ class HistoryDir(Node):
         return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2)
 
     async def lookup(self, name: str) -> Node:
+        if not self.path:
+            # The top was never a file: a name below it is there if it has a history
+            # (which is what comes next), without the history of every name.
+            await self.ns.history(name)
+            return HistoryDir(self.ns, name)
         listing = await self.ns.history(self.path)
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)

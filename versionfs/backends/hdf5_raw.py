@@ -31,7 +31,7 @@ from ..cache import Lru
 DATASPACE, DATATYPE, FILL_VALUE, LAYOUT, CONTINUATION, ATTRIBUTE, ATTRIBUTE_INFO = 0x1, 0x3, 0x5, 0x8, 0x10, 0xC, 0x15
 SHARED = 0x02  # message flag: the message lives elsewhere
 UNDEFINED = (1 << 64) - 1
-HEAP_CACHE_BYTES = 16 << 20
+HEAP_CACHE_BYTES = 4 << 20  # small collections (attribute strings); a mapping's block is read each time
 # What reading a file this module does not understand can raise: callers then ask h5py.
 ERRORS = (ValueError, struct.error, OSError, OverflowError, IndexError, KeyError, TypeError)
 HEADER_READ = 4096  # first read of an object header; most fit
@@ -250,7 +250,25 @@ class RawReader:
             return None
         if info.vds[0] == UNDEFINED:  # no mappings at all (every element is the fill value)
             return b""
-        return self.heap_object(*info.vds)
+        collection, index = info.vds
+        head = self._read(collection, 16)
+        if head[:4] != b"GCOL":
+            raise ValueError(f"no global heap collection at {collection}")
+        size = struct.unpack_from("<Q", head, 8)[0]
+        if size <= 4096:
+            return self.heap_object(collection, index)
+        # A block of its own (versioned-hdf5 writes one per dataset and version):
+        # read once, never cached.
+        data = memoryview(self._read(collection, size))
+        pos = 16
+        while pos + 16 <= len(data):
+            found, _, _, length = struct.unpack_from("<HHIQ", data, pos)
+            if found == index:
+                return bytes(data[pos + 16 : pos + 16 + length])
+            if found == 0:
+                break
+            pos += 16 + ((length + 7) & ~7)
+        raise ValueError(f"no object {index} in the global heap collection at {collection}")
 
     def chunk_index(self, info: ObjectInfo) -> ChunkIndex | None:
         """The chunk index of a dataset stored in a version 1 B-tree (what files
