@@ -14,8 +14,10 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import h5py
@@ -25,12 +27,12 @@ from .. import __version__, journal
 from ..cache import DiskCache, Lru
 from ..errors import SourceError
 from ..logs import once
-from . import hdf5_image, hdf5_raw, hdf5_write, npy
+from . import hdf5_chunks, hdf5_image, hdf5_raw, hdf5_write, npy
 from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
                           RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef,
                           VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
-from .base import (NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json,
+from .base import (NAME_MAX, Change, Dir, Execution, File, History, Progress, Revision, VersionInfo, canonical_json,
                    compare_by_reading, join, safe_name, version_json)
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ IMAGE_CACHE_BYTES = 256 << 20  # built images kept (metadata only: pages, 24 byt
 CHUNK_INDEX_BYTES = 128 << 20  # raw datasets' chunk indexes kept (about 40 bytes a chunk)
 OBJECT_CACHE_SIZE = 4096  # object headers kept, read (a few hundred bytes each)
 OPEN_DATASETS = 16  # datasets kept open for reads
+INDEX_CACHE_BYTES = 64 << 20  # chunk indexes of datasets read from their raw chunks
 
 
 @functools.lru_cache(maxsize=256)
@@ -50,6 +53,10 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
 class _Link(NamedTuple):
     type: int  # h5py.h5l.TYPE_HARD, …
     u: int  # a hard link's object address
+
+
+def _index_weight(found: "tuple[hdf5_chunks.ChunkIndex | None]") -> int:
+    return 64 if found[0] is None else 256 + found[0].nbytes
 
 
 class _Opened(NamedTuple):
@@ -102,8 +109,14 @@ def open_file(path: str) -> h5py.File:
 
 
 class HDF5Backend:
-    """Versions of one versioned-HDF5 file (see the module docstring)."""
+    """Versions of one versioned-HDF5 file (see the module docstring).
 
+    Metadata calls run one at a time on one thread (h5py serialises every call
+    anyway). Reads run on threads of their own: what they need of h5py they do
+    under ``_lock`` (a commit holds it throughout: it closes and reopens the
+    file), and chunks they read straight from the file need no lock at all."""
+
+    execution = Execution(serial=True, reads=4)
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
@@ -123,6 +136,14 @@ class HDF5Backend:
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._committed: dict[str, VersionInfo] = {}  # about 1 KiB a version
         self.counters: Counter[str] = Counter()  # what was built or read (the control socket's stats)
+        self._lock = threading.RLock()  # h5py's file and these caches, for reads beside metadata calls
+        self._objects_lock = threading.Lock()  # the header cache, used by both
+        # Datasets read from their raw chunks: their indexes (16 bytes a chunk), and the
+        # threads that decode the chunks of one read in parallel.
+        self._indexes: Lru[tuple[hdf5_chunks.ChunkIndex | None]] = Lru(INDEX_CACHE_BYTES, weight=_index_weight)
+        self._index_lock = threading.Lock()  # only around the Lru: never held while waiting
+        self._chunk_reader = hdf5_chunks.ChunkReader(self._fd, ThreadPoolExecutor(
+            max(2, os.cpu_count() or 2), thread_name_prefix="versionfs-decode"))
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
@@ -186,7 +207,8 @@ class HDF5Backend:
 
     # -- objects, read from their headers where possible (hdf5_raw) --------------------------
     def _object(self, address: int) -> hdf5_raw.ObjectInfo | None:
-        info = self._objects.get(address)
+        with self._objects_lock:
+            info = self._objects.get(address)
         if info is None:
             try:
                 info = self.raw.object_info(address)
@@ -195,7 +217,8 @@ class HDF5Backend:
                 info = None
             self.counters["headers read"] += 1
             if info is not None:
-                self._objects.put(address, info)
+                with self._objects_lock:
+                    self._objects.put(address, info)
         return info
 
     def _attrs_of(self, address: int, h5path: str, wanted: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -486,14 +509,14 @@ class HDF5Backend:
     def _build_image(self, version: str) -> hdf5_image.Image:
         started = time.monotonic()
         self.counters["images"] += 1
-        image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS, self.raw, self.chunk_index)
+        image = hdf5_image.build(self.f, f"{VERSIONS_GROUP}/{version}", INTERNAL_ATTRS, self.raw, self.raw_chunk_index)
         log.info("built the .h5 image of version %s: %d bytes, %d chunks, %.0f ms",
                  version, image.size, len(image.regions), (time.monotonic() - started) * 1000)
         if self.cache is not None and image.complete:
             self.cache.put(self._image_identity(version), 0, image.to_bytes())
         return image
 
-    def chunk_index(self, raw: h5py.Dataset) -> hdf5_raw.ChunkIndex | None:
+    def raw_chunk_index(self, raw: h5py.Dataset) -> hdf5_raw.ChunkIndex | None:
         """Where a raw dataset's chunks are (shared by every version mapping into
         it; arrays of about 40 bytes a chunk, kept by size). Raw chunks are only
         ever appended, and commits clear it."""
@@ -527,22 +550,29 @@ class HDF5Backend:
             version, address)))
 
     def file_size(self, ref: Any) -> int:
-        if isinstance(ref, ImageRef):
-            return self._image(ref.version).size
-        if isinstance(ref, VersionFileRef):
-            return len(self._version_file(ref.version))
-        return len(self._text(ref))
+        with self._lock:
+            if isinstance(ref, ImageRef):
+                return self._image(ref.version).size
+            if isinstance(ref, VersionFileRef):
+                return len(self._version_file(ref.version))
+            return len(self._text(ref))
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         if isinstance(ref, ImageRef):
-            return self._image(ref.version).read(self._fd, offset, length)
-        if isinstance(ref, VersionFileRef):
-            return self._version_file(ref.version)[offset : offset + length]
-        if isinstance(ref, TextRef):
-            return self._text(ref)[offset : offset + length]
-        if isinstance(ref, RawRef):
-            return self._dataset(ref.h5path)[offset : offset + length].tobytes()
-        return self._read_npy(ref, offset, length)
+            with self._lock:
+                image = self._image(ref.version)
+            return image.read(self._fd, offset, length)
+        if isinstance(ref, NpyRef):
+            return self._read_npy(ref, offset, length)
+        with self._lock:
+            if isinstance(ref, VersionFileRef):
+                return self._version_file(ref.version)[offset : offset + length]
+            if isinstance(ref, TextRef):
+                return self._text(ref)[offset : offset + length]
+            return self._dataset(ref.h5path)[offset : offset + length].tobytes()  # RawRef
+
+    def xattrs(self, ref: Any) -> dict[str, bytes]:
+        return {}  # attributes are in .attrs.json
 
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         return compare_by_reading(self, entry, local, written)
@@ -573,20 +603,22 @@ class HDF5Backend:
                parent_tree: Dir, progress: Progress | None = None) -> str:
         # The read handle holds a shared lock and h5py cannot have the file open
         # twice in different modes: close it for the commit, reopen after.
-        self._close_file()
-        try:
-            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
-        finally:
-            self.f = open_file(self.path)
-            self.raw = hdf5_raw.RawReader(self.path, self.f.id)
-            # Images are rebuilt from the file as it is now (same bytes: an image
-            # depends on content, not on where the raw chunks sit); headers are
-            # read again (a commit may write into existing ones).
-            self._images.clear()
-            self._objects.clear()
-            self._chunk_indexes.clear()
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._lock:
+            self._close_file()
+            try:
+                hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
+            finally:
+                self.f = open_file(self.path)
+                self.raw = hdf5_raw.RawReader(self.path, self.f.id)
+                # Images are rebuilt from the file as it is now (same bytes: an image
+                # depends on content, not on where the raw chunks sit); headers are
+                # read again (a commit may write into existing ones).
+                self._images.clear()
+                with self._objects_lock:
+                    self._objects.clear()
+                self._chunk_indexes.clear()
+        # self._fd stays: a commit writes the same file in place, and raw chunks
+        # never move, so reads under way beside it stay right.
         return name
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
@@ -603,17 +635,92 @@ class HDF5Backend:
         # time. Everything else skips the cost of clearing the buffer.
         padded = ref.dtype.names is not None
         buf = (np.zeros if padded else np.empty)(e1 - e0, dtype=ref.dtype)
-        ds = self._dataset(ref.h5path)
-        if not ref.shape:
-            buf[0] = ds[()]
+        index = self._chunk_index(ref.h5path)
+        if index is not None:
+            self._chunk_reader.read(index, e0, e1, buf)  # no h5py, no lock
         else:
-            pos = 0
-            for box in npy.flat_boxes(ref.shape, e0, e1):
-                n = npy.box_size(box)
-                ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
-                pos += n
+            with self._lock:
+                ds = self._dataset(ref.h5path)
+                if not ref.shape:
+                    buf[0] = ds[()]
+                else:
+                    pos = 0
+                    for box in npy.flat_boxes(ref.shape, e0, e1):
+                        n = npy.box_size(box)
+                        ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
+                        pos += n
         data = memoryview(buf.view(np.uint8))[d0 - e0 * itemsize : d1 - e0 * itemsize]
         return header + bytes(data) if header else data
+
+    def _chunk_index(self, h5path: str) -> hdf5_chunks.ChunkIndex | None:
+        """How to read a dataset from its raw chunks (None: through h5py), made
+        once per dataset of a version (versions never change)."""
+        with self._index_lock:
+            found = self._indexes.get(h5path)
+        if found is None:
+            with self._lock:
+                with self._index_lock:
+                    found = self._indexes.get(h5path)
+                if found is None:
+                    try:
+                        found = (self._read_index(h5path) or hdf5_chunks.chunk_index(self._dataset(h5path), self.f),)
+                    except Exception as e:  # noqa: BLE001 - h5py reads it, and says what is wrong
+                        log.debug("%s: read through h5py (%s)", h5path, e)
+                        found = (None,)
+                    with self._index_lock:
+                        self._indexes.put(h5path, found)
+        return found[0]
+
+    def _read_index(self, h5path: str) -> hdf5_chunks.ChunkIndex | None:
+        """``hdf5_chunks.ChunkIndex`` made from the dataset's header and the raw
+        dataset's chunk index read from the file's bytes: no virtual dataset
+        opened, no Python per chunk, whatever the number of chunks (None where
+        they do not say it simply: then hdf5_chunks asks h5py)."""
+        link = self.f.id.links.get_info(h5path.encode("utf-8", "surrogateescape"))
+        info = self._object(link.u) if link.type == h5py.h5l.TYPE_HARD else None
+        dtype = info.dtype if info is not None else None
+        if info is None or info.vds is None or not info.shape or dtype is None or dtype.kind not in "biufc" or dtype.fields:
+            return None
+        try:
+            mapping = hdf5_raw.decode_mapping(self.raw.mapping_block(info), len(info.shape))
+            fill_bytes = hdf5_raw.fill_value(info.fill)
+        except hdf5_raw.ERRORS:
+            return None
+        if mapping is None or not mapping.source:
+            return None
+        raw = self.f.get(mapping.source)
+        if (not isinstance(raw, h5py.Dataset) or raw.chunks is None or raw.dtype != dtype or len(raw.chunks) != len(info.shape)
+                or raw.id.get_type().get_size() != dtype.itemsize):
+            return None
+        filters = hdf5_chunks._filters(raw)
+        stored = self.raw_chunk_index(raw)
+        if filters is None or stored is None:
+            return None
+        shape, chunks = tuple(info.shape), tuple(raw.chunks)
+        c = np.array(chunks, np.int64)
+        grid = tuple(-(-n // k) for n, k in zip(shape, chunks))
+        cells_n = math.prod(grid)
+        offsets, sizes, masks = np.full(cells_n, -1, np.int64), np.zeros(cells_n, np.int64), np.zeros(cells_n, np.uint32)
+        v0, s0, count = mapping.vstart, mapping.sstart, mapping.count
+        if len(v0) and cells_n:
+            whole = np.minimum(v0 + c, np.array(shape, np.int64))
+            if (v0 % c).any() or (s0 % c).any() or (v0 + count != whole).any():
+                return None  # not whole chunks one to one: hdf5_chunks decides
+            cells = np.ravel_multi_index(tuple((v0 // c).T), grid)
+            if len(np.unique(cells)) != len(cells):
+                return None
+            raw_grid = tuple(-(-n // k) for n, k in zip(raw.shape, chunks))
+            have = np.ravel_multi_index(tuple((stored.offsets // c).T), raw_grid) if len(stored.offsets) else np.zeros(0, np.int64)
+            want = np.ravel_multi_index(tuple((s0 // c).T), raw_grid)
+            at = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
+            written = have[at] == want if len(have) else np.zeros(len(want), bool)
+            offsets[cells[written]] = stored.addresses[at[written]]
+            sizes[cells[written]] = stored.sizes[at[written]]
+            masks[cells[written]] = stored.masks[at[written]]
+        fill = np.zeros((), dtype)
+        if fill_bytes is not None and len(fill_bytes) == dtype.itemsize:
+            fill = np.frombuffer(fill_bytes, dtype, 1).reshape(()).copy()
+        return hdf5_chunks.ChunkIndex(h5path, shape, chunks, dtype, fill, filters, offsets, sizes, masks)
 
     def _text(self, ref: TextRef) -> bytes:
         data = self._texts.get(ref.h5path)
@@ -631,5 +738,6 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._close_file()
+        self._chunk_reader.pool.shutdown(wait=True)
         os.close(self._fd)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -109,6 +110,7 @@ class RawReader:
             raise ValueError("only files with 8-byte addresses and lengths are read directly")
         self._heaps: Lru[_HeapCollection] = Lru(HEAP_CACHE_BYTES, weight=lambda heap: heap.size)
         self._types: dict[bytes, Any] = {}  # datatype message -> decoded type (few distinct ones)
+        self._lock = threading.Lock()  # the caches: metadata calls and reads use one reader
 
     def close(self) -> None:
         os.close(self._fd)
@@ -116,11 +118,14 @@ class RawReader:
     def datatype(self, message: bytes) -> Any:
         """The HDF5 type a datatype message describes (H5Tdecode reads the same
         encoding behind a two-byte prefix)."""
-        tid = self._types.get(message)
+        with self._lock:
+            tid = self._types.get(message)
         if tid is None:
-            if len(self._types) > 256:
-                self._types.clear()
-            tid = self._types[message] = h5py.h5t.decode(b"\x03\x00" + message)
+            tid = h5py.h5t.decode(b"\x03\x00" + message)
+            with self._lock:
+                if len(self._types) > 256:
+                    self._types.clear()
+                self._types[message] = tid
         return tid
 
     def _read(self, addr: int, length: int) -> bytes:
@@ -224,7 +229,8 @@ class RawReader:
     # -- heaps -------------------------------------------------------------------------
     def heap_object(self, collection: int, index: int) -> bytes:
         """One object of a global heap collection (collections are cached, indexed)."""
-        objects = self._heaps.get(collection)
+        with self._lock:
+            objects = self._heaps.get(collection)
         if objects is None:
             head = self._read(collection, 16)
             if head[:4] != b"GCOL":
@@ -238,7 +244,8 @@ class RawReader:
                     break
                 objects.objects[found] = data[pos + 16 : pos + 16 + size]
                 pos += 16 + ((size + 7) & ~7)
-            self._heaps.put(collection, objects)
+            with self._lock:
+                self._heaps.put(collection, objects)
         found = objects.objects.get(index)
         if found is None:
             raise ValueError(f"no object {index} in the global heap collection at {collection}")
