@@ -7,6 +7,7 @@ usable (or why it is not), so ``versionfs mount`` returns only once it can be us
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -106,9 +107,21 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+def give_back_big_buffers() -> None:
+    """Buffers over 1 MiB straight from mmap, so that a freed one (a build's
+    temporaries, a read window) goes back to the system: glibc otherwise raises
+    that threshold as big buffers are freed and keeps them in the heap, and the
+    daemon's memory would grow with what it once built, not with what it keeps."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` is called once
     the mount answers; ``ready(message)`` if it never will. Blocks."""
+    give_back_big_buffers()
     worker = Worker()
     backend: Backend | None = None
     mounted = False

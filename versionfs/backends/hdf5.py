@@ -288,7 +288,8 @@ class HDF5Backend:
         group.id.links.iterate(
             lambda name, link: links.append((name.decode("utf-8", "surrogateescape"), _Link(link.type, link.u))), info=True)
         attrs: dict[str, Any] = {}
-        address = h5py.h5o.get_info(group.id).addr
+        # (a link's address, not H5Oget_info, which sizes the whole group's index)
+        address = self.f.id.links.get_info(group_path.encode("utf-8", "surrogateescape")).u
         group_attrs = self._attrs_of(address, group_path)["user"]
         if group_attrs:
             attrs["."] = group_attrs
@@ -543,7 +544,7 @@ class HDF5Backend:
         mtime, ctime or size; another file has another inode or object addresses),
         built by the same code and libraries."""
         st = os.fstat(self._fd)
-        address = h5py.h5o.get_info(self.f[VERSIONS_GROUP][version].id).addr
+        address = self.f.id.links.get_info(f"/{VERSIONS_GROUP}/{version}".encode("utf-8", "surrogateescape")).u
         return "\0".join(map(str, (
             "hdf5-image", hdf5_image.Image.MAGIC, hdf5_image.BUILDER, __version__, h5py.version.version,
             h5py.version.hdf5_version, self.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,

@@ -374,7 +374,8 @@ class _Builder:
             return None
         grid = tuple(int(g) for g in -(-np.array(shape) // chunks))
         numbers = np.ravel_multi_index(tuple((v0 // chunks).T), grid) if len(v0) else np.zeros(0, np.int64)
-        if len(np.unique(numbers)) != len(numbers):
+        by_number = np.argsort(numbers, kind="stable")
+        if (np.diff(numbers[by_number]) == 0).any():  # a chunk mapped twice
             return None
         index = self.chunk_index(raw)
         if index is None:
@@ -385,9 +386,9 @@ class _Builder:
         at = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
         written = (have[at] == want) if len(have) else np.zeros(len(want), bool)
         # A raw chunk never written reads as the fill value: left out.
-        order = np.argsort(numbers[written], kind="stable")
-        pick = at[written][order]
-        return _Plan(raw, tuple(shape), grid, numbers[written][order], index.addresses[pick], index.sizes[pick],
+        order = by_number[written[by_number]]
+        pick = at[order]
+        return _Plan(raw, tuple(shape), grid, numbers[order], index.addresses[pick], index.sizes[pick],
                      index.masks[pick])
 
     def _write_planned(self, plan: "_Plan", dst: h5py.Group, name: str) -> None:
@@ -531,7 +532,8 @@ def chunk_index_of(raw: hdf5_raw.RawReader, ds: h5py.Dataset) -> hdf5_raw.ChunkI
     """A chunked dataset's chunk index: read from its B-tree's bytes where the
     format allows, else asked of HDF5 chunk by chunk (both into arrays)."""
     try:
-        info = raw.object_info(h5py.h5o.get_info(ds.id).addr)
+        # The address from the link: H5Oget_info would walk the whole chunk index to size it.
+        info = raw.object_info(ds.file.id.links.get_info(ds.name.encode("utf-8", "surrogateescape")).u)
         index = raw.chunk_index(info) if info is not None else None
     except hdf5_raw.ERRORS:
         index = None

@@ -291,7 +291,7 @@ class RawReader:
         if rank != len(info.shape):
             return None
         record = np.dtype([("size", "<u4"), ("mask", "<u4"), ("offsets", "<u8", (dims,)), ("child", "<u8")])
-        leaves: list[np.ndarray] = []
+        leaves: list[bytes] = []
         pending = [] if address == UNDEFINED else [address]
         while pending:
             node = pending.pop()
@@ -299,12 +299,12 @@ class RawReader:
             if head[:4] != b"TREE" or head[4] != 1:
                 return None
             level, used = head[5], struct.unpack_from("<H", head, 6)[0]
-            entries = np.frombuffer(self._read(node + 24, used * record.itemsize), record, used)
+            body = self._read(node + 24, used * record.itemsize)
             if level:
-                pending += [int(c) for c in entries["child"][::-1]]
+                pending += [int(c) for c in np.frombuffer(body, record, used)["child"][::-1]]
             else:
-                leaves.append(entries)
-        entries = np.concatenate(leaves) if leaves else np.zeros(0, record)
+                leaves.append(body)
+        entries = np.frombuffer(b"".join(leaves), record)
         offsets = entries["offsets"][:, :rank].astype(np.int64)
         grid = [-(-n // c) for n, c in zip(info.shape, chunks)] if all(info.shape) else [0] * rank
         if len(entries) and grid and all(grid):

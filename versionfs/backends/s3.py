@@ -658,9 +658,9 @@ class _Scan:
 
     def _key_done(self, key: str, versions: list[ObjectVersion]) -> None:
         versions.sort(key=lambda v: v.modified, reverse=True)  # newest first; ties keep listing order
-        for v in versions:
-            self.instants.add(v.modified)
-            self._digest.update(f"{v.key}\0{v.version_id}\n".encode("utf-8", "surrogateescape"))
+        self.instants.update(v.modified for v in versions)
+        said = "".join(f"{v.key}\0{v.version_id}\n" for v in versions).encode("utf-8", "surrogateescape")
+        self._digest.update(said)
         relative = key[len(self.prefix):]
         components = relative.split("/")[:-1]
         # The key's directories from the top ('' is the prefix itself): a directory's
@@ -675,8 +675,7 @@ class _Scan:
             log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
         live = _live_intervals(versions) if shown else []
         for directory, digest, intervals in self._open:
-            for v in versions:
-                digest.update(f"{v.key}\0{v.version_id}\n".encode("utf-8", "surrogateescape"))
+            digest.update(said)
             if directory and shown:
                 intervals += live
                 if len(intervals) > 4096:  # a directory of very many keys: keep it merged as it goes
@@ -696,6 +695,8 @@ class _Scan:
 def _live_intervals(newest_first: list[ObjectVersion]) -> list[tuple[int, int]]:
     """When a key is shown: [start, end) ns intervals (the newest version at each
     instant decides: a delete marker hides it)."""
+    if not any(v.deleted for v in newest_first):  # the usual case: shown from its first version on
+        return [(to_ns(newest_first[-1].modified), _FOREVER)]
     state: dict[dt.datetime, bool] = {}
     for v in newest_first:
         state.setdefault(v.modified, not v.deleted)  # the first seen at a time is the newest then
