@@ -99,8 +99,11 @@ def test_history_of_hundreds_of_versions_stays_small(many, mount):
     assert after["built"].get("objects opened", 0) == 0 and after["built"].get("trees", 0) == 0
     assert after["kept"]["history entries"] <= VERSIONS + 10
     assert after["rss_bytes"] - rss < 40 << 20, (after["rss_bytes"] - rss) / VERSIONS
+    assert after["built"]["histories"] == 1  # x.npy's alone: not the top's (a listing per version)
     names = sorted(os.listdir(m.path / "history/x.npy"))
     assert (m.path / "history/x.npy" / names[150]).read_bytes() == npy_bytes(library_array(many, "v150", "x"))
+    ls("-l", m.path / "history")  # the top's names: one more history, not one per name
+    assert built(m.path)["histories"] == 2
     assert ls(m.path / "history/sub/y.npy") == [sorted(os.listdir(m.path / "history/sub/y.npy"))[0]]  # changed once
 
 

@@ -348,11 +348,12 @@ class HistoryDir(Node):
         return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2)
 
     async def lookup(self, name: str) -> Node:
-        if not self.path:
-            # The top was never a file: a name below it is there if it has a history
-            # (which is what comes next), without the history of every name.
-            await self.ns.history(name)
-            return HistoryDir(self.ns, name)
+        latest = self.ns.current_info()
+        if not self.path and not self.ns.has_history("") and latest is not None:
+            # A name the latest version has was there: no need for the names of
+            # every version (a listing per version) to go into history/<name>/.
+            if name in await self.ns.listdir(latest.name, "", None):
+                return HistoryDir(self.ns, name)
         listing = await self.ns.history(self.path)
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
@@ -624,6 +625,9 @@ class Namespace:
         return await self.image(info, SHORT_TTL)
 
     # -- history/ ---------------------------------------------------------------------------
+    def has_history(self, path: str) -> bool:
+        return self._histories.get(path) is not None
+
     async def history(self, path: str) -> HistoryListing:
         """What ``history/<path>/`` shows; ENOENT if nothing was ever there."""
         listing = self._histories.get(path)
