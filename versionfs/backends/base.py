@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Counter, Mapping, Protocol, Union
 
 from ..selectors import format_utc
@@ -21,12 +22,15 @@ from ..selectors import format_utc
 NAME_MAX = 255  # bytes in one file name (Linux)
 
 
-@dataclass(frozen=True)
+NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)  # one per version, kept for the whole mount: small
 class VersionInfo:
     name: str
     timestamp: dt.datetime  # aware, UTC
     previous: str | None
-    attrs: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready
+    attrs: Mapping[str, Any] = field(default_factory=lambda: NO_ATTRS)  # JSON-ready (shared when empty)
     # An empty version the format keeps for itself: listed, never selected.
     placeholder: bool = False
 
