@@ -8,17 +8,22 @@ nodes into inodes; it never looks inside them.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import logging
 import os
 import stat as stat_mod
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable
 from urllib.parse import quote, unquote
 
 from . import selectors
-from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, join, to_ns
+import outcome
+import trio
+
+from .backends.base import NAME_MAX, Backend, Dir, Entry, File, History, Revision, VersionInfo, find, join, to_ns
 from .cache import BlockReader, Lru, ReadAheadBudget
 from .errors import FsError, enoent
 from .logs import once
@@ -31,8 +36,32 @@ log = logging.getLogger(__name__)
 # second, and is invalidated explicitly as well.
 IMMUTABLE_TTL = 86400.0
 SHORT_TTL = 1.0
-TREE_CACHE_SIZE = 32
-HISTORY_CACHE_SIZE = 1024  # history directories kept (cleared when versions change)
+# What is kept in memory, by size (README: cost model): entries of whole trees,
+# entries of single directories, entries of history directories. An entry is
+# about half a KiB, so each is bounded at about 50 MiB.
+TREE_CACHE_ENTRIES = 100_000
+LISTING_CACHE_ENTRIES = 100_000
+HISTORY_CACHE_ENTRIES = 100_000
+
+
+class Request:
+    """The FUSE request a task is answering: who asked, since when, and the waits
+    that can be given up when its caller is killed (``Namespace.run``)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.started = time.monotonic()
+        self.interrupted = False
+        self.waits: set[trio.CancelScope] = set()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for scope in self.waits:
+            scope.cancel()
+
+
+# Set by fs.py for the task that answers a request.
+REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("versionfs_request", default=None)
 
 
 @dataclass(frozen=True)
@@ -182,7 +211,10 @@ class BlockReaderHandle(Handle):
 
 class TreeDir(Node):
     """A directory of a version, as seen through one view (latest, versions, @sel).
-    Views get distinct inodes: the kernel refuses a directory with two parents."""
+    Views get distinct inodes: the kernel refuses a directory with two parents.
+    Its entries are loaded when it is listed or looked into, one directory at a
+    time; its own attributes cost nothing (link count 1: subdirectories are not
+    counted, as on btrfs)."""
 
     is_dir = True
 
@@ -192,23 +224,25 @@ class TreeDir(Node):
         self.ttl = ttl
 
     async def attr(self) -> Attr:
-        subdirs = sum(isinstance(e, Dir) for e in self.entry.children.values())
-        return Attr(True, 0, self.entry.mtime_ns, 0o555, nlink=2 + subdirs)
+        return Attr(True, 0, self.entry.mtime_ns, 0o555, nlink=1)
 
     def _child(self, name: str, entry: Dir | File) -> Node:
-        path = f"{self.path}/{name}"
+        path = join(self.path, name)
         if isinstance(entry, Dir):
             return TreeDir(self.ns, self.view, self.version, path, entry)
         return TreeFile(self.ns, ("file", self.version, path), entry)
 
+    async def _entries(self) -> dict[str, Dir | File]:
+        return await self.ns.listdir(self.version, self.path, self.entry.ref)
+
     async def lookup(self, name: str) -> Node:
-        entry = self.entry.children.get(name)
+        entry = (await self._entries()).get(name)
         if entry is None:
             raise enoent()
         return self._child(name, entry)
 
     async def children(self) -> list[tuple[str, Node]]:
-        return [(n, self._child(n, e)) for n, e in self.entry.children.items()]
+        return [(n, self._child(n, e)) for n, e in (await self._entries()).items()]
 
 
 class VersionsDir(Node):
@@ -228,19 +262,20 @@ class VersionsDir(Node):
     async def lookup(self, name: str) -> Node:
         info = self.ns.by_name.get(name)
         if info is not None:
-            return await self.ns.version_root("versions", info)
+            return self.ns.version_root("versions", info)
         info = self.ns.by_name.get(self.ns.image_base(name) or "")
         if info is None or self.ns.image_name(info) is None:
             raise enoent()
         return await self.ns.image(info)
 
     async def children(self) -> list[tuple[str, Node]]:
+        # Names and times only: no version's tree, listing or image is built.
         out: list[tuple[str, Node]] = []
-        ext = self.ns.backend.image_ext
+        images = await self.ns.images(self.ns.all_versions) if self.ns.backend.image_ext else {}
         for v in self.ns.all_versions:
-            out.append((v.name, await self.ns.version_root("versions", v)))
-            if ext and self.ns.image_name(v) is not None:
-                out.append((v.name + ext, await self.ns.image(v)))
+            out.append((v.name, self.ns.version_root("versions", v)))
+            if v.name in images and self.ns.image_name(v) is not None:
+                out.append((v.name + self.ns.backend.image_ext, images[v.name]))
         return out
 
 
@@ -263,7 +298,7 @@ class Root(Node):
 
     async def lookup(self, name: str) -> Node:
         if name == "latest":
-            return await self.ns.latest()
+            return self.ns.latest()
         if name == "versions":
             return self.ns.versions_dir
         if name == "history":
@@ -285,7 +320,7 @@ class Root(Node):
     async def children(self) -> list[tuple[str, Node]]:
         out: list[tuple[str, Node]] = []
         if self.ns.current_info() is not None:
-            out.append(("latest", await self.ns.latest()))
+            out.append(("latest", self.ns.latest()))
             if self.ns.backend.image_ext:
                 out.append(("latest" + self.ns.backend.image_ext, await self.ns.latest_image()))
         out.append(("versions", self.ns.versions_dir))
@@ -313,6 +348,12 @@ class HistoryDir(Node):
         return Attr(True, 0, self.ns.newest_mtime_ns(), 0o555, nlink=2)
 
     async def lookup(self, name: str) -> Node:
+        latest = self.ns.current_info()
+        if not self.path and not self.ns.has_history("") and latest is not None:
+            # A name the latest version has was there: no need for the names of
+            # every version (a listing per version) to go into history/<name>/.
+            if name in await self.ns.listdir(latest.name, "", None):
+                return HistoryDir(self.ns, name)
         listing = await self.ns.history(self.path)
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
@@ -389,7 +430,9 @@ class Namespace:
         self.backend, self.worker = backend, worker
         # One bound on the read-ahead of every open file together (--readahead-memory).
         self.readahead = readahead if readahead is not None else ReadAheadBudget()
-        self._trees: Lru[Dir] = Lru(TREE_CACHE_SIZE)
+        self._trees: Lru[Dir] = Lru(TREE_CACHE_ENTRIES, weight=_tree_size)
+        self._listings: Lru[dict[str, Entry]] = Lru(LISTING_CACHE_ENTRIES, weight=len)
+        self._running: dict[Hashable, _Running] = {}  # backend work under way, by what it makes
         self.root = Root(self)
         self.versions_dir = VersionsDir(self)
         self.all_versions: list[VersionInfo] = []
@@ -401,7 +444,7 @@ class Namespace:
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
-        self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_SIZE)
+        self._histories: Lru[HistoryListing] = Lru(HISTORY_CACHE_ENTRIES, weight=lambda h: 1 + len(h.entries) + len(h.history.children))
         self.listeners: list[Callable[[], None]] = []  # told when versions or staging change
 
     def space(self) -> os.statvfs_result | None:
@@ -438,7 +481,13 @@ class Namespace:
         if changed:
             self._histories.clear()
             self._trees.clear()
+            self._listings.clear()
         return changed
+
+    def kept(self) -> dict[str, int]:
+        """Entries each cache holds now (README: cost model)."""
+        return {"tree entries": self._trees.total, "listing entries": self._listings.total,
+                "history entries": self._histories.total, "image entries": len(self._images)}
 
     def current_info(self) -> VersionInfo | None:
         return self.by_name.get(self._current) if self._current else None
@@ -446,15 +495,64 @@ class Namespace:
     def newest_mtime_ns(self) -> int:
         return self._newest_mtime_ns
 
+    async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+        """Blocking backend work that may take long (a tree, a listing, a history,
+        an image), done once for everyone who asks for the same ``key`` meanwhile,
+        in the background: a request that waits for it can be answered (EINTR, by
+        fs.py) when its caller is killed, and what was built is kept for the next."""
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = _Running(trio.Event())
+
+            async def work() -> None:
+                try:
+                    running.result = await outcome.acapture(self.worker.run, fn, *args)
+                finally:
+                    del self._running[key]
+                    running.done.set()
+
+            if self.spawn is None:  # no daemon nursery (a test driving the namespace): in line
+                await work()
+            else:
+                self.spawn(work)
+        request = REQUEST.get()
+        with trio.CancelScope() as wait:
+            if request is not None:
+                request.waits.add(wait)
+                if request.interrupted:
+                    wait.cancel()
+            await running.done.wait()
+        if request is not None:
+            request.waits.discard(wait)
+        if wait.cancelled_caught:  # the caller was killed: answered now, the work goes on for the next
+            raise FsError(errno.EINTR)
+        assert running.result is not None
+        return running.result.unwrap()
+
     async def tree(self, name: str) -> Dir:
+        """A whole version (staging's base, commits, rollbacks)."""
         tree = self._trees.get(name)
         if tree is None:
-            tree = self._trees.put(name, await self.worker.run(self.backend.tree, name))
+            tree = self._trees.put(name, await self.run(("tree", name), self.backend.tree, name))
         return tree
+
+    async def listdir(self, version: str, path: str, ref: Any) -> dict[str, Entry]:
+        """One directory of a version: from its whole tree if that is loaded anyway,
+        else one backend listing, kept by size."""
+        tree = self._trees.get(version)
+        if tree is not None:
+            entry = find(tree, path)
+            if isinstance(entry, Dir):
+                return entry.children
+        key = (version, path)
+        entries = self._listings.get(key)
+        if entries is None:
+            entries = self._listings.put(key, await self.run(("listdir", key), self.backend.listdir, version, path, ref))
+        return entries
 
     async def file_size(self, entry: File) -> int:
         if entry.size is None:
-            entry.size = await self.worker.run(self.backend.file_size, entry.ref)
+            entry.size = await self.run(("size", entry.ref), self.backend.file_size, entry.ref)
         return entry.size
 
     async def open_file(self, entry: File) -> Handle:
@@ -467,14 +565,14 @@ class Namespace:
         window = {"max_window": entry.readahead} if entry.readahead else {}
         return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn, budget=self.readahead, **window))
 
-    async def version_root(self, view: str, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeDir:
-        return TreeDir(self, view, info.name, "", await self.tree(info.name), ttl)
+    def version_root(self, view: str, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeDir:
+        return TreeDir(self, view, info.name, "", Dir(mtime_ns=info.mtime_ns), ttl)
 
-    async def latest(self) -> TreeDir:
+    def latest(self) -> TreeDir:
         info = self.current_info()
         if info is None:
             raise enoent()
-        return await self.version_root("latest", info, SHORT_TTL)
+        return self.version_root("latest", info, SHORT_TTL)
 
     async def select(self, name: str, image: bool = False) -> Node:
         """``@<selector>`` at the root (its image, with ``image``); ENOENT for
@@ -486,7 +584,7 @@ class Namespace:
         ttl = SHORT_TTL if selector.is_relative() else IMMUTABLE_TTL
         if image:
             return await self.image(info, ttl)
-        return await self.version_root(name, info, ttl)
+        return self.version_root(name, info, ttl)
 
     # -- X.h5: a version as one file ------------------------------------------------------
     def image_base(self, name: str) -> str | None:
@@ -510,10 +608,15 @@ class Namespace:
         return None
 
     async def image(self, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeFile:
-        entry = self._images.get(info.name)
-        if entry is None:
-            entry = self._images[info.name] = await self.worker.run(self.backend.image, info.name)
-        return TreeFile(self, ("image", info.name), entry, ttl)
+        return (await self.images([info], ttl))[info.name]
+
+    async def images(self, infos: list[VersionInfo], ttl: float = IMMUTABLE_TTL) -> dict[str, TreeFile]:
+        """The image files of versions (their entries only: nothing is built), in
+        one backend call for all that were never asked for."""
+        missing = [v.name for v in infos if v.name not in self._images]
+        if missing:
+            self._images.update(await self.worker.run(lambda: {v: self.backend.image(v) for v in missing}))
+        return {v.name: TreeFile(self, ("image", v.name), self._images[v.name], ttl) for v in infos}
 
     async def latest_image(self) -> TreeFile:
         info = self.current_info()
@@ -522,15 +625,34 @@ class Namespace:
         return await self.image(info, SHORT_TTL)
 
     # -- history/ ---------------------------------------------------------------------------
+    def has_history(self, path: str) -> bool:
+        return self._histories.get(path) is not None
+
     async def history(self, path: str) -> HistoryListing:
         """What ``history/<path>/`` shows; ENOENT if nothing was ever there."""
         listing = self._histories.get(path)
         if listing is None:
-            history = await self.worker.run(self.backend.history, path)
+            history = await self.run(("history", path), self.backend.history, path)
             if path and not history.children and not history.revisions:
                 raise enoent()
             listing = self._histories.put(path, history_listing(history))
         return listing
+
+
+@dataclass
+class _Running:
+    done: trio.Event
+    result: outcome.Outcome | None = None
+
+
+def _tree_size(tree: Dir) -> int:
+    """Entries in a whole tree (what it costs to keep)."""
+    size, pending = 0, [tree]
+    while pending:
+        directory = pending.pop()
+        size += len(directory.children)
+        pending += [e for e in directory.children.values() if isinstance(e, Dir)]
+    return size
 
 
 def mode_bits(attr: Attr) -> int:

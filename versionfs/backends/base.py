@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Union
+from types import MappingProxyType
+from typing import Any, Callable, Counter, Mapping, Protocol, Union
 
 from ..selectors import format_utc
 
@@ -21,12 +22,15 @@ from ..selectors import format_utc
 NAME_MAX = 255  # bytes in one file name (Linux)
 
 
-@dataclass(frozen=True)
+NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)  # one per version, kept for the whole mount: small
 class VersionInfo:
     name: str
     timestamp: dt.datetime  # aware, UTC
     previous: str | None
-    attrs: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready
+    attrs: Mapping[str, Any] = field(default_factory=lambda: NO_ATTRS)  # JSON-ready (shared when empty)
     # An empty version the format keeps for itself: listed, never selected.
     placeholder: bool = False
     message: str | None = None  # the commit message (None: none, or the backend does not keep one per version)
@@ -158,7 +162,15 @@ class Backend(Protocol):
         """The name of the current (latest) version, if any."""
 
     def tree(self, version: str) -> Dir:
-        """The version's root directory, with every entry below it."""
+        """The version's root directory, with every entry below it (for whole-tree
+        users: staging's base, commits, rollbacks; a view loads one directory at a
+        time with ``listdir``)."""
+
+    def listdir(self, version: str, path: str, ref: Any) -> dict[str, "Entry"]:
+        """The entries of one directory of a version (``path`` '' is its root, ``ref``
+        the ``Dir.ref`` its parent's listing gave, None for the root): files as in
+        ``tree``, subdirectories as ``Dir`` whose children are not loaded. Costs
+        about that one directory, whatever the size of the version."""
 
     def file_size(self, ref: Any) -> int:
         """Size of a file whose size the tree left as None."""
@@ -177,6 +189,7 @@ class Backend(Protocol):
         if it was a file, one revision per distinct version of it."""
 
     image_ext: str | None  # X<ext> beside each tree X/ is the version as one file (None: no such file)
+    counters: Counter[str]  # what the backend built or read so far (trees, listings, …): the stats request
     # Changes whenever the listing does, also where no version name does (None:
     # version names say it all), so that cached trees and histories are dropped.
     signature: Any

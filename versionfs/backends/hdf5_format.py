@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ class NpyRef:
 
     @property
     def size(self) -> int:
-        return len(self.header) + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return len(self.header) + math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ class ImageRef:
 
     version: str
     kind = "image"
+
+
+@dataclass(frozen=True)
+class VersionFileRef:
+    """A version's ``.version.json`` where its bytes are made only when read
+    (they name every renamed or hidden object of the whole version)."""
+
+    version: str
+    kind = "version-file"
 
 
 @dataclass(frozen=True)

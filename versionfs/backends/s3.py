@@ -14,6 +14,7 @@ lists and loses how they interleave, so the listing's XML is read for the order.
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import hashlib
 import logging
@@ -23,7 +24,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Counter, Iterator
 from urllib.parse import quote, urlparse
 
 from ..cache import DiskCache, Lru
@@ -44,6 +45,7 @@ MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
 MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
+DIR_CACHE_VERSIONS = 200_000  # object versions kept in directory listings (about 400 bytes each)
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,18 @@ class S3Backend:
         self.cache = cache
         self._listing = threading.local()  # per thread: the XML order of the listing under way
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
-        self._by_key: dict[str, list[ObjectVersion]] = {}
-        self._instants: list[dt.datetime] = []
+        self._instants: list[dt.datetime] = []  # every instant at which a key changed, oldest first
+        self._by_name: dict[str, dt.datetime] = {}
         self._digits = 0
-        self._dirs: dict[str, DirListing] = {}  # history/: one listing per directory, until a poll sees a change
-        self.signature: int | None = None  # of the last listing: tells the namespace what changed
+        # Which directories hold a shown key when: directory -> (start, end) ns intervals.
+        self._alive: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._dir_digests: dict[str, bytes] = {}  # directory -> digest of its keys' versions (what a poll compares)
+        # One listing per directory (Delimiter "/"), for views and history/, kept by size
+        # until a poll sees that directory change.
+        self._dirs: Lru[DirListing] = Lru(DIR_CACHE_VERSIONS, weight=lambda d: 1 + d.size)
+        self._dirs_lock = threading.Lock()  # metadata calls run concurrently
+        self.signature: bytes | None = None  # of the last listing: tells the namespace what changed
+        self.counters: Counter[str] = Counter()  # requests and builds (the control socket's stats)
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self, probe: Any) -> None:
@@ -179,17 +188,17 @@ class S3Backend:
                 order.append((key, version_id))
         self._listing.order.append(order)
 
-    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
-        """Every object version and delete marker under ``prefix`` in listing order
-        and, with a delimiter, the "subdirectory" prefixes found."""
-        self._listing.order = []
-        found: dict[tuple[str, str], ObjectVersion] = {}
-        subdirs: list[str] = []
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[tuple[list[ObjectVersion], list[str]]]:
+        """Each page of object versions and delete markers under ``prefix``, in
+        listing order, with the "subdirectory" prefixes it found (with a delimiter)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
+            self._listing.order = []
             page = self.client.list_object_versions(**kwargs)
+            self._count("list requests")
+            found: dict[tuple[str, str], ObjectVersion] = {}
             for item in page.get("Versions", []):
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC),
@@ -199,7 +208,8 @@ class S3Backend:
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC), None, 0, True,
                 )
-            subdirs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            ordered = [found.pop(kv) for order in self._listing.order for kv in order if kv in found]
+            yield ordered + list(found.values()), [p["Prefix"] for p in page.get("CommonPrefixes", [])]  # unshown last
             if not page.get("IsTruncated"):
                 break
             # Both markers: one key's versions may span pages. A page that ends on a
@@ -208,8 +218,16 @@ class S3Backend:
             kwargs.pop("VersionIdMarker", None)
             if page.get("NextVersionIdMarker"):
                 kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
-        ordered = [found.pop(kv) for page in self._listing.order for kv in page if kv in found]
-        return ordered + list(found.values()), subdirs  # anything the XML did not show, last
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
+        """Every object version and delete marker under ``prefix`` in listing order
+        and, with a delimiter, the "subdirectory" prefixes found."""
+        versions: list[ObjectVersion] = []
+        subdirs: list[str] = []
+        for page, prefixes in self._pages(prefix, delimiter):
+            versions += page
+            subdirs += prefixes
+        return versions, subdirs
 
     @staticmethod
     def _by_key_newest_first(listing: list[ObjectVersion]) -> dict[str, list[ObjectVersion]]:
@@ -223,20 +241,31 @@ class S3Backend:
         return dict(by_key)
 
     def versions(self) -> list[VersionInfo]:
-        by_key = self._by_key_newest_first(self._list(self.prefix)[0])
-        instants = sorted({v.modified for versions in by_key.values() for v in versions})
-        # Changes even when no new instant appears (a second write within the same
-        # second on a store with whole-second times).
-        signature = hash(frozenset((v.key, v.version_id) for versions in by_key.values() for v in versions))
-        if signature != self.signature:
-            self._dirs.clear()  # history/ lists again
-        self.signature = signature
-        self._by_key = by_key
-        self._instants = instants
+        """Every instant at which a key under the prefix changed, from one pass
+        over the whole listing that keeps no object version: the instants, a
+        digest per directory and when each directory holds a shown key (views
+        list their directories themselves)."""
+        scan = _Scan(self.prefix)
+        for page, _ in self._pages(self.prefix):
+            scan.add(page)
+        scan.finish()
+        self._count("version lists")
+        if scan.signature != self.signature:
+            # Only what changed is listed again (history/ and views).
+            for directory in set(scan.dir_digests) | set(self._dir_digests):
+                if scan.dir_digests.get(directory) != self._dir_digests.get(directory):
+                    with self._dirs_lock:
+                        self._dirs.discard(directory)
+        self.signature = scan.signature
+        self._dir_digests = scan.dir_digests
+        self._alive = scan.alive
+        self._instants = sorted(scan.instants)
         self._digits = fraction_digits(self._instants)
         infos, previous = [], None
+        self._by_name = {}
         for instant in self._instants:
             name = version_name(instant, self._digits)
+            self._by_name[name] = instant
             infos.append(VersionInfo(name=name, timestamp=instant, previous=previous))
             previous = name
         return infos
@@ -245,46 +274,48 @@ class S3Backend:
         return version_name(self._instants[-1], self._digits) if self._instants else None
 
     def _instant(self, name: str) -> dt.datetime:
-        for instant in self._instants:
-            if version_name(instant, self._digits) == name:
-                return instant
-        raise KeyError(name)
+        return self._by_name[name]
 
-    def view(self, instant: dt.datetime) -> dict[str, ObjectVersion]:
-        """key -> the object version shown at ``instant`` (delete markers hidden)."""
-        out = {}
-        for key, versions in self._by_key.items():
-            # Newest first: the first one at or before the instant is the one shown.
-            shown = next((v for v in versions if v.modified <= instant), None)
-            if shown is not None and not shown.deleted:
-                out[key] = shown
-        return out
+    def _dir_alive(self, directory: str, at_ns: int) -> bool:
+        intervals = self._alive.get(directory, ())
+        i = bisect.bisect_right(intervals, (at_ns, _FOREVER)) - 1
+        return i >= 0 and intervals[i][0] <= at_ns < intervals[i][1]
 
     # -- trees --------------------------------------------------------------------------
-    def tree(self, version: str) -> Dir:
+    def listdir(self, version: str, path: str, ref: Any = None) -> dict[str, File | Dir]:
+        """One directory of the view at ``version``, from that directory's own
+        listing (shared by every version and by history/): each key's newest
+        version at or before the instant, delete markers hidden, and the
+        subdirectories that hold a shown key then."""
         instant = self._instant(version)
-        mtime = to_ns(instant)
-        root = Dir(mtime_ns=mtime)
-        dirs: dict[tuple[str, ...], Dir] = {(): root}
-        files: list[tuple[list[str], ObjectVersion]] = []
-        for key, shown in sorted(self.view(instant).items()):
-            parts = path_parts(key[len(self.prefix):])
-            if parts is None:
-                log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
-                continue
-            files.append((parts, shown))
-            for i in range(1, len(parts)):
-                dirs.setdefault(tuple(parts[:i]), Dir(mtime_ns=mtime))
+        at_ns, mtime = to_ns(instant), to_ns(instant)
+        listing = self._dir_listing(path)
+        self._count("listings")
+        out: dict[str, File | Dir] = {}
         # Directories first, so a key "a" next to keys "a/…" is the one renamed.
-        for path in sorted(p for p in dirs if p):
-            parent = dirs[path[:-1]]
-            parent.children[path[-1]] = dirs[path]
-        for parts, shown in files:
-            parent = dirs[tuple(parts[:-1])]
-            name = safe_name(parts[-1], "", set(parent.children))
-            if name != parts[-1]:
-                log.warning("key %r is shown as %r (the name is taken)", shown.key, name, extra=once(("s3-key", shown.key)))
-            parent.children[name] = _file(shown)
+        for name in sorted(listing.subdirs):
+            if self._dir_alive(join(path, name), at_ns):
+                out[name] = Dir(mtime_ns=mtime)
+        for name in sorted(listing.keys):
+            shown = next((v for v in listing.keys[name] if v.modified <= instant), None)
+            if shown is None or shown.deleted or not self._valid(path, name):
+                continue
+            display = safe_name(name, "", set(out))
+            if display != name:
+                log.warning("key %r is shown as %r (the name is taken)", shown.key, display, extra=once(("s3-key", shown.key)))
+            out[display] = _file(shown)
+        return out
+
+    def tree(self, version: str) -> Dir:
+        """The whole view at ``version`` (one listing per directory)."""
+        mtime = to_ns(self._instant(version))
+        root = Dir(mtime_ns=mtime)
+        pending = [("", root)]
+        while pending:
+            path, node = pending.pop()
+            node.children = self.listdir(version, path)
+            pending += [(join(path, n), e) for n, e in node.children.items() if isinstance(e, Dir)]
+        self._count("trees")
         return root
 
     # -- history ------------------------------------------------------------------------
@@ -323,16 +354,22 @@ class S3Backend:
         return True
 
     def _dir_listing(self, directory: str) -> "DirListing":
-        cached = self._dirs.get(directory)
+        with self._dirs_lock:
+            cached = self._dirs.get(directory)
         if cached is not None:
             return cached
         prefix = self.prefix + (directory + "/" if directory else "")
         listing, subdirs = self._list(prefix, "/")
         keys = {key[len(prefix):]: versions for key, versions in self._by_key_newest_first(listing).items()}
         names = [p[len(prefix):].rstrip("/") for p in subdirs]
-        result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n))
-        self._dirs[directory] = result
-        return result
+        result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n), len(listing))
+        self._count("directory listings")
+        with self._dirs_lock:
+            return self._dirs.put(directory, result)
+
+    def _count(self, what: str) -> None:
+        with self._dirs_lock:
+            self.counters[what] += 1
 
     # -- data ---------------------------------------------------------------------------
     def file_size(self, ref: S3Ref) -> int:
@@ -546,9 +583,9 @@ class S3Backend:
     # -- compact -----------------------------------------------------------------------
     def duplicates(self) -> list[tuple[ObjectVersion, ObjectVersion]]:
         """(duplicate, the version it repeats): object versions whose content equals
-        the key's previous version, never across a delete marker. Call versions() first."""
+        the key's previous version, never across a delete marker (one whole listing)."""
         out = []
-        for versions in self._by_key.values():
+        for versions in self._by_key_newest_first(self._list(self.prefix)[0]).values():
             previous: ObjectVersion | None = None
             for version in reversed(versions):  # oldest first
                 if version.deleted:
@@ -584,6 +621,113 @@ class S3Backend:
 class DirListing:
     keys: dict[str, list[ObjectVersion]]  # name directly below -> its versions, newest first
     subdirs: frozenset[str]  # names of the "subdirectories" (common prefixes)
+    size: int = 0  # object versions held (what keeping it costs: about 400 bytes each)
+
+
+_FOREVER = 1 << 62
+
+
+class _Scan:
+    """What ``versions`` keeps of one pass over the whole listing. Keys come in
+    order, so all keys below a directory come together: a directory's digest
+    and intervals are complete when the listing leaves it."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.instants: set[dt.datetime] = set()
+        self.dir_digests: dict[str, bytes] = {}
+        self.alive: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._digest = hashlib.blake2b(digest_size=16)
+        self._open: list[tuple[str, Any, list[tuple[int, int]]]] = []  # (directory, its digest, intervals) from the top
+        self._pending: dict[str, list[ObjectVersion]] = {}  # keys whose versions may not all be listed yet
+
+    @property
+    def signature(self) -> bytes:
+        return self._digest.digest()
+
+    def add(self, page: list[ObjectVersion]) -> None:
+        # Keys come in order from page to page, but within a page some servers list
+        # every version before every delete marker, and a key's versions may go on
+        # into the next page: every key of a page but its last is complete.
+        for version in page:
+            self._pending.setdefault(version.key, []).append(version)
+        if not page:
+            return
+        last = max(v.key for v in page)
+        for key in sorted(k for k in self._pending if k != last):
+            self._key_done(key, self._pending.pop(key))
+
+    def finish(self) -> None:
+        for key in sorted(self._pending):
+            self._key_done(key, self._pending.pop(key))
+        while self._open:
+            self._close()
+
+    def _key_done(self, key: str, versions: list[ObjectVersion]) -> None:
+        versions.sort(key=lambda v: v.modified, reverse=True)  # newest first; ties keep listing order
+        self.instants.update(v.modified for v in versions)
+        said = "".join(f"{v.key}\0{v.version_id}\n" for v in versions).encode("utf-8", "surrogateescape")
+        self._digest.update(said)
+        relative = key[len(self.prefix):]
+        components = relative.split("/")[:-1]
+        # The key's directories from the top ('' is the prefix itself): a directory's
+        # listing (Delimiter "/") changes with any key below it.
+        chain = ["", *("/".join(components[: i + 1]) for i in range(len(components)))]
+        while self._open and self._open[-1][0] not in chain:
+            self._close()
+        for directory in chain[len(self._open):]:
+            self._open.append((directory, hashlib.blake2b(digest_size=16), []))
+        shown = path_parts(relative) is not None
+        if not shown:  # said once, when the listing first meets it
+            log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
+        live = _live_intervals(versions) if shown else []
+        for directory, digest, intervals in self._open:
+            digest.update(said)
+            if directory and shown:
+                intervals += live
+                if len(intervals) > 4096:  # a directory of very many keys: keep it merged as it goes
+                    intervals[:] = _merged(intervals)
+
+    def _close(self) -> None:
+        directory, digest, intervals = self._open.pop()
+        # (A directory met again can only come from a server that lists keys out of
+        # order across pages: what it had is kept, not overwritten.)
+        if directory in self.dir_digests:
+            digest.update(self.dir_digests[directory])
+        self.dir_digests[directory] = digest.digest()
+        if directory:
+            self.alive[directory] = _merged([*self.alive.get(directory, ()), *intervals])
+
+
+def _live_intervals(newest_first: list[ObjectVersion]) -> list[tuple[int, int]]:
+    """When a key is shown: [start, end) ns intervals (the newest version at each
+    instant decides: a delete marker hides it)."""
+    if not any(v.deleted for v in newest_first):  # the usual case: shown from its first version on
+        return [(to_ns(newest_first[-1].modified), _FOREVER)]
+    state: dict[dt.datetime, bool] = {}
+    for v in newest_first:
+        state.setdefault(v.modified, not v.deleted)  # the first seen at a time is the newest then
+    out: list[tuple[int, int]] = []
+    start = None
+    for instant in sorted(state):
+        if state[instant] and start is None:
+            start = to_ns(instant)
+        elif not state[instant] and start is not None:
+            out.append((start, to_ns(instant)))
+            start = None
+    if start is not None:
+        out.append((start, _FOREVER))
+    return out
+
+
+def _merged(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return tuple(out)
 
 
 def _file(version: ObjectVersion) -> File:
