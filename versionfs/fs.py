@@ -20,7 +20,7 @@ import pyfuse3
 
 from .errors import FsError, classify
 from .logs import once
-from .namespace import Handle, Namespace, Node, mode_bits
+from .namespace import Caller, Handle, Namespace, Node, SetAttr, mode_bits
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -46,6 +46,10 @@ def _guard(fn: F) -> F:
             raise pyfuse3.FUSEError(failure.errno) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
 
 def _name(raw: bytes) -> str:
@@ -105,16 +109,26 @@ class VersionFS(pyfuse3.Operations):
     async def _entry(self, node: Node, count: bool = True, listing: bool = False) -> pyfuse3.EntryAttributes:
         attr = await (node.listing_attr() if listing else node.attr())
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = self._inode(node, count)
         entry.generation = 0
         entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else 0
+        if not attr.type_known:
+            # Not even its type is known yet (a small S3 object may be a link): a
+            # listing gives the name only (inode 0: the kernel makes no inode of
+            # it); a lookup, which learns the type, gives the inode.
+            entry.st_ino = 0
+            entry.st_mode = 0
+            return entry
+        entry.st_ino = self._inode(node, count)
         entry.st_mode = mode_bits(attr)
         entry.st_nlink = attr.nlink
-        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_uid = self.uid if attr.uid is None else attr.uid
+        entry.st_gid = self.gid if attr.gid is None else attr.gid
         entry.st_size = attr.size
         entry.st_blksize = 1 << 17
         entry.st_blocks = -(-attr.size // 512)
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
+        entry.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns
         return entry
 
     def _new_handle(self, obj: Any) -> int:
@@ -174,7 +188,8 @@ class VersionFS(pyfuse3.Operations):
             entry = await self._entry(node, count=False, listing=True)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
                 break
-            self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
+            if entry.st_ino:
+                self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
             if inode == pyfuse3.ROOT_INODE:
                 self._root_names.add(name)
 
@@ -241,12 +256,12 @@ class VersionFS(pyfuse3.Operations):
     # -- changes (read-only nodes answer EROFS) ----------------------------------
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node, handle = await self._node(parent_inode).create(_name(name), mode)
+        node, handle = await self._node(parent_inode).create(_name(name), mode, caller(ctx))
         return pyfuse3.FileInfo(fh=self._new_handle(handle)), await self._entry(node)
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).mkdir(_name(name), mode))
+        return await self._entry(await self._node(parent_inode).mkdir(_name(name), mode, caller(ctx)))
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -264,24 +279,29 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        await node.setattr(
-            attr.st_size if fields.update_size else None,
-            attr.st_mtime_ns if fields.update_mtime else None,
-            attr.st_mode if fields.update_mode else None,
-        )
+        # pyfuse3 has turned UTIME_NOW into the time now; UTIME_OMIT leaves a field unset.
+        await node.setattr(SetAttr(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        ), caller(ctx))
         return await self._entry(node, count=False)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).make_special(_name(name), "symlink"))
+        return await self._entry(await self._node(parent_inode).symlink(_name(name), os.fsdecode(target), caller(ctx)))
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(new_parent_inode).make_special(_name(new_name), "hard link"))
+        return await self._entry(await self._node(new_parent_inode).link(_name(new_name), self._node(inode)))
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).make_special(_name(name), "device node"))
+        return await self._entry(await self._node(parent_inode).mknod(_name(name), mode, caller(ctx)))
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Hashable
 from urllib.parse import quote, unquote
 
 from . import selectors
-from .backends.base import NAME_MAX, Backend, Dir, File, History, Revision, VersionInfo, join, to_ns
+from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, File, FileMeta, History, Revision, VersionInfo, join,
+                            to_ns)
 from .cache import BlockReader, Lru
 from .errors import FsError, enoent
 from .logs import once
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 # second, and is invalidated explicitly as well.
 IMMUTABLE_TTL = 86400.0
 SHORT_TTL = 1.0
+# The mode bits a file or directory of a version shows where the version kept
+# none (staging shows the same, so copying latest/ back into it changes nothing):
+# versions are read-only all the same (EROFS).
+FILE_MODE, DIR_MODE = 0o644, 0o755
 TREE_CACHE_SIZE = 32
 HISTORY_CACHE_SIZE = 1024  # history directories kept (cleared when versions change)
 
@@ -40,10 +45,56 @@ class Attr:
     is_dir: bool
     size: int
     mtime_ns: int
-    mode: int  # permission bits
+    mode: int  # permission bits (with setuid, setgid, sticky)
     nlink: int = 1
-    is_link: bool = False  # a symbolic link (``history/…/@-1``)
+    is_link: bool = False  # a symbolic link (``history/…/@-1``, a stored link)
     exact: bool = True  # False: a listing's placeholder (size not computed); never cached by the kernel
+    uid: int | None = None  # None: the mounting user
+    gid: int | None = None
+    atime_ns: int | None = None  # None: the mtime
+    ctime_ns: int | None = None
+    # False: a listing's placeholder whose very type is not known yet (a small S3
+    # object may be a link): the listing gives no inode for it, only the name.
+    type_known: bool = True
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks (the FUSE request context)."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+    pid: int = 0
+
+    def groups(self) -> frozenset[int]:
+        """The caller's groups: its gid and supplementary groups (from /proc)."""
+        found = {self.gid}
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        found.update(int(g) for g in line.split()[1:])
+                        break
+        except (OSError, ValueError):
+            pass
+        return frozenset(found)
+
+
+ROOT = Caller(0, 0, 0)
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """A setattr request: each field None means "leave as it is"."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
 
 
 class Node:
@@ -78,10 +129,10 @@ class Node:
         raise FsError(errno.EINVAL)
 
     # Changes: read-only unless a subclass says otherwise.
-    async def create(self, name: str, mode: int) -> tuple["Node", "Handle"]:
+    async def create(self, name: str, mode: int, caller: Caller) -> tuple["Node", "Handle"]:
         raise FsError(errno.EROFS)
 
-    async def mkdir(self, name: str, mode: int) -> "Node":
+    async def mkdir(self, name: str, mode: int, caller: Caller) -> "Node":
         raise FsError(errno.EROFS)
 
     async def unlink(self, name: str) -> None:
@@ -93,11 +144,18 @@ class Node:
     async def rename(self, name: str, new_parent: "Node", new_name: str, flags: int) -> None:
         raise FsError(errno.EROFS)
 
-    async def setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+    async def setattr(self, changes: SetAttr, caller: Caller) -> None:
         raise FsError(errno.EROFS)
 
-    async def make_special(self, name: str, kind: str) -> "Node":
-        """Symlinks, hard links and device nodes."""
+    async def symlink(self, name: str, target: str, caller: Caller) -> "Node":
+        raise FsError(errno.EROFS)
+
+    async def mknod(self, name: str, mode: int, caller: Caller) -> "Node":
+        """A regular file (mode S_IFREG or no type); fifos, sockets and devices."""
+        raise FsError(errno.EROFS)
+
+    async def link(self, name: str, target: "Node") -> "Node":
+        """A hard link to ``target`` named ``name`` in this directory."""
         raise FsError(errno.EROFS)
 
     async def setxattr(self, name: str, value: bytes | None) -> None:
@@ -145,18 +203,25 @@ class TreeFile(_ReadOnlyFile):
     that every view of the same version (latest/, versions/v/, @sel/) shares one
     inode and page cache."""
 
-    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL):
+    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True):
         self.ns, self.entry, self.key, self.ttl = ns, entry, key, ttl
+        self.own_mtime = own_mtime  # False: the entry's mtime says it all (history/ shows the revision's time)
 
     async def attr(self) -> Attr:
-        return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, 0o444)
+        meta = await self.ns.file_meta(self.entry)
+        mode = meta.mode if meta.mode is not None else FILE_MODE  # as committed
+        mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
+        return Attr(False, await self.ns.file_size(self.entry), mtime, mode)
 
     async def listing_attr(self) -> Attr:
-        # A size not known yet (an .h5 image, a text file) costs a build or a read:
-        # a listing does not pay it; the kernel asks again, for exact attributes,
-        # when something stats or reads the file.
-        if self.entry.size is None and self.entry.content is None:
-            return Attr(False, 0, self.entry.mtime_ns, 0o444, exact=False)
+        # A size not known yet (an .h5 image, a text file) costs a build or a read,
+        # metadata not known yet (S3) a request: a listing pays neither; the kernel
+        # asks again, for exact attributes, when something stats or reads the file.
+        entry = self.entry
+        if entry.meta is None:
+            return Attr(False, entry.size or 0, entry.mtime_ns, FILE_MODE, exact=False, type_known=not entry.may_be_link)
+        if entry.size is None and entry.content is None:
+            return Attr(False, 0, entry.mtime_ns, FILE_MODE, exact=False)
         return await self.attr()
 
     async def _open(self) -> Handle:
@@ -167,6 +232,22 @@ class TreeFile(_ReadOnlyFile):
         if self.entry.ref is None or not hasattr(self.ns.backend, "xattrs"):
             return {}
         return await self.ns.worker.run(self.ns.backend.xattrs, self.entry.ref)
+
+
+class TreeLink(Node):
+    """A symbolic link stored in a version (its content is the target)."""
+
+    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True):
+        self.ns, self.entry, self.key, self.ttl = ns, entry, key, ttl
+        self.own_mtime = own_mtime
+
+    async def attr(self) -> Attr:
+        meta = await self.ns.file_meta(self.entry)
+        mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
+        return Attr(False, len(os.fsencode(await self.readlink())), mtime, 0o777, is_link=True)
+
+    async def readlink(self) -> str:
+        return await self.ns.link_target(self.entry)
 
 
 class BlockReaderHandle(Handle):
@@ -190,18 +271,20 @@ class TreeDir(Node):
 
     async def attr(self) -> Attr:
         subdirs = sum(isinstance(e, Dir) for e in self.entry.children.values())
-        return Attr(True, 0, self.entry.mtime_ns, 0o555, nlink=2 + subdirs)
+        return Attr(True, 0, self.entry.mtime_ns, DIR_MODE, nlink=2 + subdirs)
 
     def _child(self, name: str, entry: Dir | File) -> Node:
         path = f"{self.path}/{name}"
         if isinstance(entry, Dir):
             return TreeDir(self.ns, self.view, self.version, path, entry)
-        return TreeFile(self.ns, ("file", self.version, path), entry)
+        return self.ns.file_node(("file", self.version, path), entry)
 
     async def lookup(self, name: str) -> Node:
         entry = self.entry.children.get(name)
         if entry is None:
             raise enoent()
+        if isinstance(entry, File):
+            await self.ns.file_meta(entry)  # a link or a file: known before the kernel gets an inode
         return self._child(name, entry)
 
     async def children(self) -> list[tuple[str, Node]]:
@@ -314,7 +397,8 @@ class HistoryDir(Node):
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
         if entry is not None:
-            return TreeFile(self.ns, ("history-file", self.path, name), entry[1])
+            await self.ns.file_meta(entry[1])
+            return self.ns.file_node(("history-file", self.path, name), entry[1], own_mtime=False)
         if name in listing.history.children:
             return HistoryDir(self.ns, join(self.path, name))
         selector = selectors.parse(name[1:]) if name.startswith("@") else None
@@ -329,7 +413,7 @@ class HistoryDir(Node):
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
         out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, join(self.path, n))) for n in listing.history.children]
-        out += [(n, TreeFile(self.ns, ("history-file", self.path, n), entry))
+        out += [(n, self.ns.file_node(("history-file", self.path, n), entry, own_mtime=False))
                 for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
         return out
 
@@ -446,6 +530,25 @@ class Namespace:
         if tree is None:
             tree = self._trees.put(name, await self.worker.run(self.backend.tree, name))
         return tree
+
+    def file_node(self, key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True) -> Node:
+        """The node of a file of a version: a link where its metadata says so
+        (metadata not known yet: a file node, whose listing gives no inode)."""
+        if entry.meta is not None and entry.meta.link:
+            return TreeLink(self, key, entry, ttl, own_mtime)
+        return TreeFile(self, key, entry, ttl, own_mtime)
+
+    async def file_meta(self, entry: File) -> FileMeta:
+        if entry.meta is None:
+            entry.meta = await self.worker.run(self.backend.file_meta, entry.ref)
+        return entry.meta
+
+    async def link_target(self, entry: File) -> str:
+        handle = await self.open_file(entry)
+        try:
+            return os.fsdecode(bytes(await handle.read(0, LINK_MAX + 1)))
+        finally:
+            await handle.release()
 
     async def file_size(self, entry: File) -> int:
         if entry.size is None:

@@ -24,11 +24,11 @@ from ..errors import SourceError
 from ..logs import once
 from . import hdf5_image, hdf5_write, npy
 from ..selectors import format_utc
-from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
-                          RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef, attr_to_json,
-                          file_kind, parse_timestamp, user_attrs)
-from .base import (Change, Dir, File, History, Progress, Revision, VersionInfo, canonical_json, compare_by_reading,
-                   join, safe_name, to_ns, version_json)
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR, MODE_ATTR,
+                          MTIME_ATTR, RAW_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef,
+                          TextRef, attr_to_json, file_kind, parse_timestamp, user_attrs)
+from .base import (Change, Dir, File, FileMeta, History, Progress, Revision, VersionInfo, canonical_json,
+                   compare_by_reading, join, safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,13 @@ class HDF5Backend:
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
     signature = None  # a version never changes once its name is listed
+    generated_names = frozenset({VERSION_FILE})  # each version's .version.json
+    edits_in_place = True  # hdf5_write reads only the chunk rows an in-place edit wrote
 
     def __init__(self, path: str, cache: DiskCache | None = None):
         self.path = os.path.abspath(path)
         self.description = self.path
+        self.spool_key = self.path
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
         self._images: Lru[hdf5_image.Image] = Lru(IMAGE_CACHE_SIZE)
@@ -98,6 +101,16 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._committed: dict[str, VersionInfo] = {}
+        self.identity = self._identity()
+
+    def _identity(self) -> str:
+        """The versioned file itself, whatever its path or inode: the time its
+        empty first version was made (a new ``versionfs init`` makes another)."""
+        group = self.f[VERSIONS_GROUP]
+        first = group[FIRST_VERSION].attrs.get("timestamp") if FIRST_VERSION in group else None
+        if isinstance(first, bytes):
+            first = first.decode()
+        return f"hdf5:{first or h5py.h5o.get_info(group.id).addr}"
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
@@ -183,7 +196,9 @@ class HDF5Backend:
             if not isinstance(obj, h5py.Dataset):
                 self._hide(notes, f"{path}/{name}", f"unsupported object {type(obj).__name__}")
                 continue
-            kind = "raw" if RAW_ATTR in obj.attrs and obj.dtype == np.uint8 and obj.ndim == 1 else file_kind(obj.dtype)
+            marked = obj.dtype == np.uint8 and obj.ndim == 1
+            kind = ("link" if marked and LINK_ATTR in obj.attrs else "raw" if marked and RAW_ATTR in obj.attrs
+                    else file_kind(obj.dtype))
             if kind is None:
                 self._hide(notes, f"{path}/{name}", f"dtype {obj.dtype} has no file form")
                 continue
@@ -201,10 +216,12 @@ class HDF5Backend:
         # A file committed through staging keeps its own mtime (so rsync's quick
         # check works across snapshots); any other shows its version's time.
         mtime = int(ds.attrs.get(MTIME_ATTR, mtime))
+        mode = ds.attrs.get(MODE_ATTR)
+        meta = FileMeta(mode=int(mode) if mode is not None else None, link=kind == "link")
         if kind == "text":
-            return File(size=None, mtime_ns=mtime, ref=TextRef(ds.name))
-        if kind == "raw":
-            return File(size=int(ds.shape[0]), mtime_ns=mtime, ref=RawRef(ds.name))
+            return File(size=None, mtime_ns=mtime, ref=TextRef(ds.name), meta=meta)
+        if kind in ("raw", "link"):
+            return File(size=int(ds.shape[0]), mtime_ns=mtime, ref=RawRef(ds.name), meta=meta)
         dtype = ds.dtype
         ref = NpyRef(ds.name, dtype, tuple(ds.shape), npy.header(dtype, ds.shape))
         chunks = ds.attrs.get("chunks")
@@ -212,7 +229,7 @@ class HDF5Backend:
         if chunks is not None and len(ds.shape) > 0:
             row = int(chunks[0]) * int(np.prod(ds.shape[1:], dtype=np.int64)) * dtype.itemsize
             unit = row or unit
-        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit))
+        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit), meta=meta)
 
     @staticmethod
     def _generated(content: bytes, mtime: int) -> File:
@@ -328,6 +345,9 @@ class HDF5Backend:
             "hdf5-image", hdf5_image.Image.MAGIC, hdf5_image.BUILDER, __version__, h5py.version.version,
             h5py.version.hdf5_version, self.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
             version, address)))
+
+    def file_meta(self, ref: Any) -> FileMeta:
+        return FileMeta()  # every tree entry has its metadata already
 
     def file_size(self, ref: Any) -> int:
         if isinstance(ref, ImageRef):

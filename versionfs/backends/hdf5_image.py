@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from ..logs import once
+from .hdf5_format import LINK_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ class _Builder:
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
                 self._copy_group(obj, child)
             elif isinstance(obj, h5py.Dataset):
+                if LINK_ATTR in obj.attrs:
+                    continue  # a stored symlink: a plain HDF5 file has no such thing (README)
                 self._copy_or_skip(obj, dst, name, self.plans.get(obj.name))
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import stat as stat_mod
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlparse
 
-from ..cache import DiskCache
+from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
-from .base import NAME_MAX, Change, Dir, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
+from .base import (NAME_MAX, Change, Dir, File, FileMeta, History, Progress, Revision, VersionInfo, find, join,
+                   safe_name, to_ns)
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -40,6 +42,11 @@ MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
 MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
+# A file's metadata as s3fs-fuse keeps it (x-amz-meta-mode: st_mode in decimal,
+# S_IFLNK for a symlink whose body is its target; -mtime: "sec[.nnnnnnnnn]";
+# -uid, -gid): s3fs, and versionfs, read each other's files the same way.
+MODE_META, MTIME_META, UID_META, GID_META = "mode", "mtime", "uid", "gid"
+META_CACHE_SIZE = 1 << 16  # object versions whose metadata is kept (a few hundred bytes each)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class S3Backend:
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
+    generated_names: frozenset[str] = frozenset()  # every key is an ordinary file (.version.json too)
+    edits_in_place = False  # an upload sends the whole file
 
     def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
         import boto3
@@ -112,6 +121,10 @@ class S3Backend:
 
         self.bucket, self.prefix = parse_url(url)
         self.description = f"s3://{self.bucket}/{self.prefix}"
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
+        self.identity = f"s3:{endpoint}:{self.bucket}/{self.prefix}"
+        self.spool_key = self.identity  # two endpoints may have buckets of the same name
+        self._metas: Lru[FileMeta] = Lru(META_CACHE_SIZE)
         # Transient errors (5xx, throttling, resets) are retried with backoff;
         # AWS_MAX_ATTEMPTS, botocore's own setting, still overrides the count.
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
@@ -362,6 +375,16 @@ class S3Backend:
             raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {len(into)} bytes at {start}, got {len(data)}")
         into[:] = data
 
+    def file_meta(self, ref: S3Ref) -> FileMeta:
+        """Mode, link-ness and mtime from the object version's metadata (one HEAD,
+        kept per object version: a VersionId names one object for ever)."""
+        identity = (ref.key, ref.version_id, ref.etag)
+        meta = self._metas.get(identity)
+        if meta is None:
+            head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
+            meta = self._metas.put(identity, parse_s3fs_meta(head.get("Metadata", {})))
+        return meta
+
     def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
         """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
         head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
@@ -417,8 +440,10 @@ class S3Backend:
                     continue
                 key = base.ref.key if isinstance(base, File) else self.prefix + change.path
                 base_ref = base.ref if isinstance(base, File) else None
-                if change.local is not None:
-                    self._upload(key, change.local, base_ref, metadata)
+                if change.kind == "link":
+                    self._put_link(key, change, base_ref, {**metadata, **s3fs_meta(change)})
+                elif change.local is not None:
+                    self._upload(key, change.local, base_ref, {**metadata, **s3fs_meta(change)})
                 else:
                     source = find(parent_tree, change.base_path or "")
                     assert isinstance(source, File)
@@ -459,6 +484,16 @@ class S3Backend:
                                            **self._condition(base))
             else:
                 self._multipart(key, local, size, meta, base)
+        except Exception as e:
+            self._conflict(e, key)
+            raise
+
+    def _put_link(self, key: str, change: Change, base: S3Ref | None, metadata: dict[str, str]) -> None:
+        """A symbolic link as s3fs stores one: the body is the target."""
+        body = os.fsencode(change.target or "")
+        meta = {**metadata, SHA_META: hashlib.sha256(body).hexdigest()}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta, **self._condition(base))
         except Exception as e:
             self._conflict(e, key)
             raise
@@ -556,7 +591,44 @@ def _file(version: ObjectVersion) -> File:
         ref=S3Ref(version.key, version.version_id, version.etag, version.size),
         layout=(0, RANGE_PART),
         readahead=READAHEAD,
+        meta=None,  # in the object's metadata: asked for when needed (file_meta)
     )
+
+
+def s3fs_meta(change: Change) -> dict[str, str]:
+    """The metadata of a staged file or link in s3fs's names."""
+    out: dict[str, str] = {}
+    kind = stat_mod.S_IFLNK if change.kind == "link" else stat_mod.S_IFREG
+    mode = 0o777 if change.kind == "link" else change.mode
+    if mode is not None:
+        out[MODE_META] = str(kind | mode)
+    if change.mtime_ns is not None:
+        seconds, nanos = divmod(change.mtime_ns, 10**9)
+        out[MTIME_META] = f"{seconds}.{nanos:09d}" if nanos else str(seconds)
+    if change.uid is not None:
+        out[UID_META] = str(change.uid)
+    if change.gid is not None:
+        out[GID_META] = str(change.gid)
+    return out
+
+
+def parse_s3fs_meta(metadata: dict[str, str]) -> FileMeta:
+    """What s3fs's metadata names say (anything unreadable counts as not given)."""
+    mode = link = None
+    try:
+        text = metadata[MODE_META].strip()
+        full = int(text, 8) if text.startswith("0") and text.isdigit() else int(text, 0)
+        link = stat_mod.S_ISLNK(full)
+        mode = stat_mod.S_IMODE(full)
+    except (KeyError, ValueError):
+        pass
+    mtime = None
+    try:
+        seconds, _, nanos = metadata[MTIME_META].partition(".")
+        mtime = int(seconds) * 10**9 + (int(nanos) if nanos else 0)
+    except (KeyError, ValueError):
+        pass
+    return FileMeta(mode=None if link else mode, link=bool(link), mtime_ns=mtime)
 
 
 def _files_below(directory: Dir) -> list[File]:
