@@ -111,13 +111,6 @@ class VersionFS(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.generation = 0
         entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else 0
-        if not attr.type_known:
-            # Not even its type is known yet (a small S3 object may be a link): a
-            # listing gives the name only (inode 0: the kernel makes no inode of
-            # it); a lookup, which learns the type, gives the inode.
-            entry.st_ino = 0
-            entry.st_mode = 0
-            return entry
         entry.st_ino = self._inode(node, count)
         entry.st_mode = mode_bits(attr)
         entry.st_nlink = attr.nlink
@@ -188,8 +181,7 @@ class VersionFS(pyfuse3.Operations):
             entry = await self._entry(node, count=False, listing=True)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
                 break
-            if entry.st_ino:
-                self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
+            self._lookups[entry.st_ino] += 1  # readdirplus counts as a lookup
             if inode == pyfuse3.ROOT_INODE:
                 self._root_names.add(name)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import stat as stat_mod
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterable
 from urllib.parse import quote, unquote
 
 from . import selectors
@@ -53,9 +53,6 @@ class Attr:
     gid: int | None = None
     atime_ns: int | None = None  # None: the mtime
     ctime_ns: int | None = None
-    # False: a listing's placeholder whose very type is not known yet (a small S3
-    # object may be a link): the listing gives no inode for it, only the name.
-    type_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,8 +215,8 @@ class TreeFile(_ReadOnlyFile):
         # metadata not known yet (S3) a request: a listing pays neither; the kernel
         # asks again, for exact attributes, when something stats or reads the file.
         entry = self.entry
-        if entry.meta is None:
-            return Attr(False, entry.size or 0, entry.mtime_ns, FILE_MODE, exact=False, type_known=not entry.may_be_link)
+        if entry.meta is None:  # a regular file all the same: a link's metadata is fetched with the listing
+            return Attr(False, entry.size or 0, entry.mtime_ns, FILE_MODE, exact=False)
         if entry.size is None and entry.content is None:
             return Attr(False, 0, entry.mtime_ns, FILE_MODE, exact=False)
         return await self.attr()
@@ -288,6 +285,7 @@ class TreeDir(Node):
         return self._child(name, entry)
 
     async def children(self) -> list[tuple[str, Node]]:
+        await self.ns.link_metas(self.entry.children.values())
         return [(n, self._child(n, e)) for n, e in self.entry.children.items()]
 
 
@@ -412,6 +410,7 @@ class HistoryDir(Node):
 
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
+        await self.ns.link_metas(entry for _, entry in listing.entries.values())
         out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, join(self.path, n))) for n in listing.history.children]
         out += [(n, self.ns.file_node(("history-file", self.path, n), entry, own_mtime=False))
                 for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
@@ -542,6 +541,16 @@ class Namespace:
         if entry.meta is None:
             entry.meta = await self.worker.run(self.backend.file_meta, entry.ref)
         return entry.meta
+
+    async def link_metas(self, entries: Iterable[Dir | File]) -> None:
+        """Before a listing gives inodes: the metadata of the files that may be
+        links (not known yet: small S3 objects), in one batch of requests. A
+        link must be a link from its first inode on: the kernel keeps the type."""
+        wanted = [e for e in entries if isinstance(e, File) and e.meta is None and e.may_be_link]
+        if wanted:
+            metas = await self.worker.run(self.backend.file_metas, [e.ref for e in wanted])
+            for entry, meta in zip(wanted, metas):
+                entry.meta = meta
 
     async def link_target(self, entry: File) -> str:
         handle = await self.open_file(entry)

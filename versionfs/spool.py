@@ -108,6 +108,7 @@ class Store:
         self.children: dict[str, set[str]] = {}
         self.blob_rows: dict[str, set[str]] = {}
         self.subdir_delta: dict[str, int] = {}
+        self._meta: dict[str, str | None] = {}  # read-through cache of the meta table
         # Whether the base version has a directory at a path (set by the overlay).
         self.base_is_dir: Callable[[str], bool] = lambda path: False
         self._reload()
@@ -348,6 +349,7 @@ class Store:
             raise
 
     def _reload(self) -> None:
+        self._meta.clear()
         self.rows.clear()
         self.children.clear()
         self.blob_rows.clear()
@@ -373,10 +375,13 @@ class Store:
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        if key not in self._meta:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            self._meta[key] = row[0] if row else None
+        return self._meta[key]
 
     def set_meta(self, key: str, value: str | None) -> None:
+        self._meta.pop(key, None)
         if value is None:
             self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
         else:

@@ -560,7 +560,10 @@ class StagingFile(StagingNode):
         if row is not None and row.blob is not None:
             if truncate:
                 await self._truncate_blob(row, 0)
-                row = store.rows[self.path]
+                now = time.time_ns()
+                overlay.pending_times.pop(row.blob, None)
+                row = replace(store.rows[self.path], mtime_ns=now, ctime_ns=now)
+                store.put(row)
             return row
         source = await overlay.base_file(row, self.path)
         if source is None:
@@ -591,10 +594,11 @@ class StagingFile(StagingNode):
         store = self.overlay.store
         path = store.blob_path(row.blob)
         old = os.fstat(self.detached_fd).st_size if self.detached_fd >= 0 else os.path.getsize(path)
-        if self.detached_fd >= 0:
-            await trio.to_thread.run_sync(os.ftruncate, self.detached_fd, size)
+        cut: Any = (os.ftruncate, self.detached_fd) if self.detached_fd >= 0 else (os.truncate, path)
+        if max(old, size) - min(old, size) > LOOP_WRITE_MAX:
+            await trio.to_thread.run_sync(*cut, size)  # freeing (or allocating) much can take milliseconds
         else:
-            await trio.to_thread.run_sync(os.truncate, path, size)
+            cut[0](cut[1], size)
         state = await self.overlay.sparse_of(row)
         if self.gone:
             return
@@ -677,6 +681,9 @@ class StagingDir(StagingNode):
         self._check()
         if self.gone:
             return []
+        row, base = await self.overlay.resolve(self.path)
+        if isinstance(base, Dir):
+            await self.overlay.ns.link_metas(base.children.values())
         listing = await self.overlay.listing(self.path)
         return [(name, await self.overlay.node(join(self.path, name))) for name in sorted(listing)]
 
@@ -975,6 +982,10 @@ class BlobHandle(Handle):
             self.ranges = []
             self.overlay.pending_times.pop(self.blob, None)
             return  # unlinked while open: nothing to keep
+        if self.ranges and not self.was_tracked:
+            self.ranges = []  # nothing trusts them: the commit compares such a file whole
+        if not self.ranges and self.blob not in self.overlay.pending_times:
+            return
         with store.transaction():
             if self.ranges:
                 store.add_written(self.blob, merge_ranges(self.ranges))

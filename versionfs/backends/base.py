@@ -176,6 +176,9 @@ class Backend(Protocol):
     def file_meta(self, ref: Any) -> FileMeta:
         """The metadata of a file whose tree entry left it as None."""
 
+    def file_metas(self, refs: list[Any]) -> list[FileMeta]:
+        """``file_meta`` of many files (concurrently where the store allows)."""
+
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
 

@@ -349,6 +349,9 @@ class HDF5Backend:
     def file_meta(self, ref: Any) -> FileMeta:
         return FileMeta()  # every tree entry has its metadata already
 
+    def file_metas(self, refs: list[Any]) -> list[FileMeta]:
+        return [FileMeta() for _ in refs]
+
     def file_size(self, ref: Any) -> int:
         if isinstance(ref, ImageRef):
             return self._image(ref.version).size

@@ -385,6 +385,9 @@ class S3Backend:
             meta = self._metas.put(identity, parse_s3fs_meta(head.get("Metadata", {})))
         return meta
 
+    def file_metas(self, refs: list[S3Ref]) -> list[FileMeta]:
+        return list(self._pool.map(self.file_meta, refs))
+
     def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
         """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
         head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
