@@ -151,6 +151,12 @@ class FastFS:
         parent, name, _ = await self._walk(path, follow_last=False)
         return parent, name
 
+    async def _exists(self, path: str) -> bool:
+        try:
+            return (await self._walk(path, False))[2] is not None
+        except OSError:
+            return False
+
     def walk(self, path: str, follow_last: bool = True, who: SimpleNamespace | None = None) -> tuple[int, bytes, int | None]:
         return self.loop.run(self._walk, path, follow_last, who)
 
@@ -275,6 +281,15 @@ class FastFS:
         async def op() -> None:
             old_parent, old_name = await self._parent(old)
             new_parent, new_name = await self._parent(new)
+            # The kernel's own checks (lock_rename's "trap"): a target that is an
+            # ancestor of the source is ENOTEMPTY, a source that is an ancestor of
+            # the target EINVAL. The paths here have no links in them.
+            src, dst = os.path.normpath(old), os.path.normpath(new)
+            if await self._exists(src) and src != dst:
+                if src.startswith(dst + "/"):
+                    raise OSError(errno.ENOTEMPTY, "an ancestor")
+                if dst.startswith(src + "/"):
+                    raise OSError(errno.EINVAL, "into itself")
             await self._call(self.fs.rename, old_parent, old_name, new_parent, new_name, flags, ctx())
         self.loop.run(op)
 
