@@ -392,9 +392,14 @@ class Store:
         return os.path.join(self.blobs, blob)
 
     def new_blob(self) -> str:
-        blob = uuid.uuid4().hex
-        os.close(os.open(self.blob_path(blob), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        blob, fd = self.open_new_blob()
+        os.close(fd)
         return blob
+
+    def open_new_blob(self) -> tuple[str, int]:
+        """A new empty blob and a read-write descriptor of it."""
+        blob = uuid.uuid4().hex
+        return blob, os.open(self.blob_path(blob), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
     def drop_blob(self, blob: str | None) -> None:
         """Forget a blob no row uses any more; its file goes on the spool's thread

@@ -722,13 +722,13 @@ class StagingDir(StagingNode):
         async with overlay.lock:
             path, _ = await self._absent(name)
             new, here, base = await self._new_owner(caller, mode, False)
-            blob = store.new_blob()
+            blob, fd = store.open_new_blob()
             try:
                 with store.transaction():
                     store.put(replace(new, path=path, blob=blob))
                     self._touch(here, base, new.mtime_ns)
-                fd = os.open(store.blob_path(blob), os.O_RDWR)
             except BaseException:
+                os.close(fd)
                 os.unlink(store.blob_path(blob))
                 raise
             overlay.touch()
