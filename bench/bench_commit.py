@@ -13,21 +13,8 @@ import numpy as np
 from versionfs.control import request as control_request
 
 from bench_read import BIG_CHUNK, BIG_ELEMENTS, BIG_H5PATH, BIG_VERSION, ensure_big_file  # the same input
-from harness import (
-    Context,
-    MiB,
-    Result,
-    Row,
-    daemon_pid,
-    drop_caches,
-    mib_s,
-    mounted,
-    proc_io,
-    read_npy_header,
-    scratch_dir,
-    timed,
-    timed_versionfs,
-)
+from harness import (Context, MiB, Result, Row, daemon_pid, drop_caches, mib_s, mounted, proc_io, read_npy_header,
+    scratch_dir, timed, timed_versionfs)
 
 # The commit benchmark's change to that dataset: one element in every 100th chunk (1%).
 COMMIT_STRIDE = 100

@@ -10,20 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from harness import (
-    DATA_DIR,
-    Context,
-    MiB,
-    Result,
-    Row,
-    daemon_pid,
-    drop_caches,
-    mib_s,
-    mounted,
-    proc_counters,
-    read_sequentially,
-    timed,
-)
+from harness import (DATA_DIR, Context, MiB, Result, Row, daemon_pid, drop_caches, mib_s, mounted, proc_counters,
+    read_sequentially, timed)
 
 # The image benchmark: a 1 GiB version (4 datasets of 256 MiB random float64, 256 KiB
 # chunks: 4096 chunks whose places the image's metadata must record) and a plain copy.

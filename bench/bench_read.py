@@ -11,21 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from harness import (
-    DATA_DIR,
-    Context,
-    MiB,
-    Result,
-    Row,
-    daemon_pid,
-    drop_caches,
-    mib_s,
-    mounted,
-    proc_counters,
-    read_sequentially,
-    timed,
-    verify_npy,
-)
+from harness import (DATA_DIR, Context, MiB, Result, Row, daemon_pid, drop_caches, mib_s, mounted, proc_counters,
+    read_sequentially, timed, verify_npy)
 
 # The big-read dataset: 1-D float64, random (so compression could not help), unfiltered.
 BIG_FILE = DATA_DIR / "big.h5"

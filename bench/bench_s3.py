@@ -10,24 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from harness import (
-    S3_SERVER,
-    Context,
-    MiB,
-    Result,
-    Row,
-    _tool_version,
-    _version_of,
-    cpu_seconds,
-    daemon_pid,
-    drop_caches,
-    foreign_mount,
-    mib_s,
-    read_sequentially,
-    s3_mounted,
-    s3_server,
-    timed,
-)
+from harness import (S3_SERVER, Context, MiB, Result, Row, _tool_version, _version_of, cpu_seconds, daemon_pid,
+    drop_caches, foreign_mount, mib_s, read_sequentially, s3_mounted, s3_server, timed)
 
 # The S3 benchmark: one object of random bytes in a versioned bucket on a local server.
 S3_OBJECT_BYTES = 256 * MiB

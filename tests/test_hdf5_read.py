@@ -164,3 +164,87 @@ def test_a_read_touches_only_the_chunks_it_overlaps(tmp_path, mount):
         assert f.read(14) == bytes([3, 3] + [9] * 10 + [3, 3])
         f.seek(header + 2**40 - 4)
         assert f.read(100) == bytes([3] * 4)
+
+
+def _filtered_file(path):
+    """Datasets h5py users make: gzip, shuffle+gzip, lzf, fletcher32; 1-D and N-D;
+    edge chunks; chunks never written (fill value)."""
+    rng = np.random.default_rng(5)
+
+    def step(g):
+        g.create_dataset("gzip", data=rng.standard_normal(50_000), chunks=(4096,), compression="gzip")
+        g.create_dataset("shuffle_gzip", data=rng.integers(0, 1000, 30_001).astype("<i4"), chunks=(1000,),
+                         compression="gzip", compression_opts=6, shuffle=True)
+        g.create_dataset("cube_gzip", data=rng.standard_normal((19, 23, 17)).astype(">f4"), chunks=(5, 7, 4),
+                         compression="gzip", shuffle=True)
+        g.create_dataset("rows_gzip", data=rng.integers(0, 9, (1001, 7)).astype("u2"), chunks=(64, 7), compression="gzip")
+        sparse = g.create_dataset("sparse_gzip", shape=(20_000,), dtype="f8", chunks=(1000,), compression="gzip",
+                                  fillvalue=2.5)
+        sparse[5000:6500] = 1.0
+        g.create_dataset("lzf", data=rng.standard_normal(9000), chunks=(1000,), compression="lzf")
+        g.create_dataset("fletcher", data=np.arange(5000, dtype="i8"), chunks=(512,), fletcher32=True)
+
+    def step2(g):
+        g["gzip"][100:200] = -1.0  # a new version maps most chunks to the old raw chunks
+        g["cube_gzip"][3, 4, 5] = 99.0
+
+    return make_versions(path, step, step2)
+
+
+def test_compressed_and_filtered_datasets_are_numpy_save(tmp_path, mount):
+    path = _filtered_file(tmp_path / "filtered.h5")
+    m = mount(path)
+    rng = random.Random(11)
+    for version in ("v1", "v2"):
+        for name in ("gzip", "shuffle_gzip", "cube_gzip", "rows_gzip", "sparse_gzip", "lzf", "fletcher"):
+            expected = npy_bytes(library_array(path, version, name))
+            file = m.path / "versions" / version / f"{name}.npy"
+            assert file.read_bytes() == expected, (version, name)
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                for _ in range(40):
+                    off, n = rng.randrange(len(expected) + 1), rng.randrange(1, 40_000)
+                    assert os.pread(fd, n, off) == expected[off : off + n], (version, name, off, n)
+            finally:
+                os.close(fd)
+
+
+def test_reads_of_chunked_datasets_need_no_h5py(tmp_path):
+    """Once a dataset's chunk index is known, its reads never wait for h5py (held
+    here as a long h5py call, such as a commit or an image build, would hold it)."""
+    import threading
+
+    from versionfs.backends.base import find
+    from versionfs.backends.hdf5 import HDF5Backend
+
+    path = _filtered_file(tmp_path / "filtered.h5")
+    backend = HDF5Backend(str(path))
+    try:
+        tree = backend.tree("v2")
+        refs = {name: find(tree, f"{name}.npy").ref for name in ("gzip", "shuffle_gzip", "cube_gzip", "sparse_gzip")}
+        expected = {name: npy_bytes(library_array(path, "v2", name)) for name in refs}
+        for name, ref in refs.items():
+            backend.read(ref, 500, 10)  # the first read of data makes the index
+        held, release = threading.Event(), threading.Event()
+
+        def long_h5py_call():
+            with backend._lock:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=long_h5py_call)
+        holder.start()
+        held.wait()
+        results = {}
+        reader = threading.Thread(target=lambda: results.update(
+            {name: bytes(backend.read(ref, 0, len(expected[name]))) for name, ref in refs.items()}))
+        reader.start()
+        reader.join(10)
+        finished = not reader.is_alive()
+        release.set()
+        holder.join()
+        reader.join()
+        assert finished, "a read waited for h5py"
+        assert results == expected
+    finally:
+        backend.close()

@@ -1,14 +1,17 @@
 """Caching immutable content: the kernel's small reads served from larger blocks
-(``BlockReader``), content kept on local disk across mounts (``DiskCache``), and
-the in-memory keep-the-most-recent map the rest use (``Lru``).
+(``BlockReader``) under one read-ahead memory budget for all open files
+(``ReadAheadBudget``), content kept on local disk across mounts (``DiskCache``),
+and the in-memory keep-the-most-recent map the rest use (``Lru``).
 
-The kernel asks for 128 KiB at a time. Each miss here fetches a whole window of
-blocks on the worker thread in one call, aligned to the file's layout (whole
-chunk rows of an HDF5 dataset), and the window doubles while reads stay
-sequential. Once it is at full size, the next window is fetched in the
-background while the kernel drains the current one, so the worker's reading and
-the kernel's copying overlap. Re-reads are the kernel page cache's job
-(``keep_cache``).
+The model is mountpoint-s3's prefetcher: a file read sequentially gets a read
+window that starts at one block and doubles each time a read had to wait for
+data, up to the file's largest window; the window ahead of the reader is fetched
+in the background, one block per backend call (so blocks arrive, and are
+decoded, in parallel), and blocks behind the reader are dropped. Every byte held
+counts against the budget; when it is spent, windows shrink back, down to one
+block ahead, which a sequential reader may always have. A read that is not
+sequential fetches only the chunk rows it needs, keeps nothing and resets the
+window. Re-reads are the kernel page cache's job (``keep_cache``).
 """
 
 from __future__ import annotations
@@ -16,16 +19,24 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 
 import trio
+
+from .errors import StoreUnavailable
 
 MIN_BLOCK = 1 << 20
 # Windows of a few MiB: large enough to amortise a thread hop and HDF5's
 # per-call cost, small enough that buffers are recycled by malloc instead of
 # being mapped and faulted in afresh every time.
 MAX_WINDOW_BYTES = 8 << 20
+DEFAULT_READAHEAD_BYTES = 512 << 20  # the budget of all open files together (--readahead-memory)
+# A block the store could not give answers the requests for it that come this
+# soon after with the same failure: the kernel retries a failed read-ahead at
+# once, page by page, and each retry would wait the whole --store-timeout again.
+FAILURE_ECHO = 1.0
 
 V = TypeVar("V")
 
@@ -60,31 +71,76 @@ class Lru(Generic[V]):
         self._total = 0
 
 
+class ReadAheadBudget:
+    """The bytes all open files may hold in blocks read ahead (on the trio loop:
+    no locking). ``reserve`` always succeeds (the one block a sequential reader
+    may always have ahead, and the blocks a read waits for); ``try_reserve`` only
+    within the limit."""
+
+    def __init__(self, limit: int = DEFAULT_READAHEAD_BYTES):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    @property
+    def available(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.reserve(n)
+        return True
+
+    def reserve(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
 Fetch = Callable[[int, int], Awaitable["bytes | memoryview"]]
 Spawn = Callable[..., Any]
 
 
+class _Pending:
+    """A fetch under way: readers of its blocks wait for ``done``; a failure is
+    handed to them (``error``) instead of being fetched again at once."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class BlockReader:
     """Reads of one open file, batched into aligned blocks fetched by ``fetch``.
-    ``spawn`` (a nursery's start_soon), if given, enables background prefetch."""
+    ``spawn`` (a nursery's start_soon), if given, enables background read-ahead;
+    ``budget`` bounds it together with every other open file's. ``close`` gives
+    back what the reader holds."""
 
     def __init__(self, fetch: Fetch, size: int, layout: tuple[int, int], spawn: Spawn | None = None,
-                 max_window: int = MAX_WINDOW_BYTES):
+                 max_window: int = MAX_WINDOW_BYTES, budget: ReadAheadBudget | None = None):
         origin, unit = layout
         self._fetch = fetch
         self._spawn = spawn
+        self._budget = budget if budget is not None else ReadAheadBudget()
         self.size = size
         # Block -1 is [0, origin) (a header); block k >= 0 starts at origin + k*B.
         self._origin = min(origin, size)
         unit = max(1, unit)
         self._block = unit * max(1, MIN_BLOCK // unit) if unit <= max_window // 2 else MIN_BLOCK
         self._max_window = max(1, max_window // self._block)
-        self._max_cached = 4 * max_window
-        self._window = 1
+        self._window = 1  # blocks wanted ahead of the reader
         self._next_offset = 0
-        self._blocks: OrderedDict[int, memoryview] = OrderedDict()
-        self._cached = 0
-        self._pending: dict[int, trio.Event] = {}
+        self._blocks: dict[int, memoryview] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._held = 0  # bytes of blocks and pending fetches, counted in the budget
+        self._generation = 0  # bumped when the reader drops what it holds
+        self._failed: dict[int, tuple[float, StoreUnavailable]] = {}  # block -> (when, why), see FAILURE_ECHO
+        self._closed = False
 
     def _start(self, index: int) -> int:
         return 0 if index < 0 else min(self.size, self._origin + index * self._block)
@@ -92,79 +148,184 @@ class BlockReader:
     def _index(self, offset: int) -> int:
         return -1 if offset < self._origin else (offset - self._origin) // self._block
 
-    async def read(self, offset: int, size: int) -> bytes:
+    def _length(self, index: int) -> int:
+        return self._start(index + 1) - self._start(index)
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        index = self._index(offset)
+        self._echo_failure(index, self._index(end - 1))
+        # Sequential: where the last read ended, in a block held or on its way, or
+        # a little behind or within the window ahead (the kernel's read-ahead
+        # requests may arrive a little out of order).
+        expected = self._next_offset
+        sequential = (expected - self._block <= offset <= expected + self._window * self._block
+                      or index in self._blocks or index in self._pending)
+        self._next_offset = max(expected, end) if sequential else end
         try:
+            if not sequential:
+                return await self._read_alone(offset, end)
             return await self._read_blocks(offset, end)
+        except StoreUnavailable:
+            raise  # asking again would only wait as long again
         except Exception:  # noqa: BLE001
-            # A damaged region fails its whole window, but the bytes asked for
+            # A damaged region fails its whole block, but the bytes asked for
             # may still be readable on their own: try exactly those (uncached).
-            return bytes(await self._fetch(offset, end - offset))
+            return await self._fetch(offset, end - offset)
 
-    async def _read_blocks(self, offset: int, end: int) -> bytes:
-        sequential = offset == self._next_offset
-        self._window = min(self._window * 2, self._max_window) if sequential else 1
-        self._next_offset = end
+    async def _read_alone(self, offset: int, end: int) -> bytes | memoryview:
+        """A read that is not sequential: exactly its bytes (the backend reads the
+        chunks they need), nothing kept, the window back to one block. Blocks
+        held stay until sequential reading resumes elsewhere (or the file is closed)."""
+        self._window = 1
+        return await self._fetch(offset, end - offset)
+
+    async def _read_blocks(self, offset: int, end: int) -> bytes | memoryview:
+        first, last = self._index(offset), self._index(end - 1)
+        waited = False
+        missing = [i for i in range(first, last + 1) if i not in self._blocks and i not in self._pending]
+        if missing and missing[-1] - missing[0] == len(missing) - 1:  # one run: one fetch (else block by block below)
+            waited = True
+            n = self._start(missing[-1] + 1) - self._start(missing[0])
+            self._budget.reserve(n)
+            self._held += n
+            await self._fill(missing[0], missing[-1] + 1)
         parts = []
         pos = offset
         while pos < end:
             index = self._index(pos)
-            data = await self._get(index)
+            data = self._blocks.get(index)
+            if data is None:
+                pending = self._pending.get(index)
+                waited = True
+                if pending is not None:
+                    await pending.done.wait()
+                    if pending.error is not None:
+                        raise pending.error
+                data = self._blocks.get(index)
+                if data is None:  # that fetch failed (or was dropped): fetch it ourselves
+                    self._budget.reserve(self._length(index))
+                    self._held += self._length(index)
+                    await self._fill(index, index + 1)
+                    data = self._blocks[index]
             start = self._start(index)
             if not len(data):  # the file shrank under us: a short read, never a loop
                 break
             parts.append(data[pos - start : end - start])
             pos = start + len(data)
-        if sequential and self._window == self._max_window and self._spawn is not None:
-            ahead = self._index(end) + self._window
-            if self._start(ahead) < self.size and ahead not in self._blocks and ahead not in self._pending:
-                self._spawn(self._prefetch, ahead)
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        self._drop_outside(first - 1, self._index(end) + self._max_window)
+        if waited:
+            self._grow()
+        self._read_ahead(self._index(end))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _prefetch(self, index: int) -> None:
+    def _echo_failure(self, first: int, last: int) -> None:
+        """Raise the store's failure again for a block that failed a moment ago."""
+        if not self._failed:
+            return
+        now = time.monotonic()
+        for i, (when, error) in list(self._failed.items()):
+            if now - when > FAILURE_ECHO:
+                del self._failed[i]
+            elif first <= i <= last:
+                raise error
+
+    def _grow(self) -> None:
+        """The reader waited for data: a larger window, if the budget has room."""
+        wanted = min(self._window * 2, self._max_window)
+        if wanted > self._window and self._budget.available >= (wanted - self._window) * self._block:
+            self._window = wanted
+
+    def _read_ahead(self, index: int) -> None:
+        """Blocks [index, index + window) held or on their way, one background fetch
+        each, as far as the budget allows; the first of them always."""
+        if self._spawn is None or self._closed:
+            return
+        for i in range(index, index + self._window):
+            if self._start(i) >= self.size:
+                break
+            if i in self._blocks or i in self._pending:
+                continue
+            n = self._length(i)
+            if i == index:
+                self._budget.reserve(n)
+            elif not self._budget.try_reserve(n):
+                self._window = max(1, self._window // 2)  # the budget is spent: shrink
+                break
+            self._held += n
+            done = self._pending[i] = _Pending()
+            self._spawn(self._prefetch, i, done, self._generation)
+
+    async def _prefetch(self, index: int, done: _Pending, generation: int) -> None:
         try:
-            await self._fill(index)
+            await self._fill(index, index + 1, done, generation)
         except Exception:  # noqa: BLE001 - the real read will retry and report
             pass
 
-    async def _get(self, index: int) -> memoryview:
-        while True:
-            data = self._blocks.get(index)
-            if data is not None:
-                self._blocks.move_to_end(index)
-                return data
-            pending = self._pending.get(index)
-            if pending is None:
-                await self._fill(index)
-            else:
-                await pending.wait()
-                if index not in self._blocks:  # that fetch failed: try ourselves
-                    await self._fill(index)
-
-    async def _fill(self, index: int) -> None:
-        last = index + 1 if index < 0 else index + self._window
-        while last > index + 1 and (last - 1 in self._blocks or last - 1 in self._pending):
-            last -= 1
-        indices = range(index, last)
-        done = trio.Event()
-        for i in indices:
-            self._pending[i] = done
-        try:
-            start = self._start(index)
-            data = memoryview(await self._fetch(start, self._start(last) - start))
+    async def _fill(self, first: int, last: int, done: _Pending | None = None, generation: int | None = None) -> None:
+        """Fetch blocks [first, last) in one call; their bytes are already counted in
+        ``_held`` and the budget (a failure gives them back: nothing is kept).
+        ``done`` and ``generation``: a fetch announced earlier (read-ahead)."""
+        indices = range(first, last)
+        if generation is None:
+            generation = self._generation
+        if done is None:
+            done = _Pending()
             for i in indices:
-                block = data[self._start(i) - start : self._start(i + 1) - start]
-                self._cached += len(block) - len(self._blocks.pop(i, b""))
-                self._blocks[i] = block
+                self._pending[i] = done
+        elif generation != self._generation:  # dropped before it started
+            done.done.set()
+            return
+        stored = 0
+        try:
+            start = self._start(first)
+            try:
+                data = memoryview(await self._fetch(start, self._start(last) - start))
+            except Exception as e:
+                done.error = e
+                if isinstance(e, StoreUnavailable):
+                    for i in indices:
+                        self._failed[i] = (time.monotonic(), e)
+                raise
+            if generation == self._generation and not self._closed:
+                for i in indices:
+                    self._blocks[i] = data[self._start(i) - start : self._start(i + 1) - start]
+                    stored += self._length(i)
         finally:
             for i in indices:
-                self._pending.pop(i, None)
-            done.set()
-        while self._cached > self._max_cached and len(self._blocks) > 1:
-            _, old = self._blocks.popitem(last=False)
-            self._cached -= len(old)
+                if self._pending.get(i) is done:
+                    del self._pending[i]
+            unused = sum(self._length(i) for i in indices) - stored
+            if unused and generation == self._generation:
+                self._give_back(unused)
+            done.done.set()
+
+    def _give_back(self, n: int) -> None:
+        self._held -= n
+        self._budget.release(n)
+
+    def _drop_outside(self, lo: int, hi: int) -> None:
+        """Drop blocks before ``lo`` (read already) and from ``hi`` on (read ahead
+        for a position the reader left)."""
+        for i in [i for i in self._blocks if not lo <= i < hi]:
+            self._give_back(self._length(i))
+            del self._blocks[i]
+
+    def _drop_all(self) -> None:
+        """Forget every block and pending fetch (their bytes go back now; fetches
+        still under way keep nothing when they end)."""
+        if self._held:
+            self._budget.release(self._held)
+        self._held = 0
+        self._blocks.clear()
+        self._pending.clear()
+        self._generation += 1
+
+    def close(self) -> None:
+        self._drop_all()
+        self._closed = True
 
 
 class DiskCache:

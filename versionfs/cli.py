@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint-url", help="S3: the endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     m.add_argument("--cache-dir", help="where S3 object versions and built .h5 images are kept (default: $XDG_CACHE_HOME/versionfs)")
     m.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="S3: the cache's bound, e.g. 512M or 20G (default 4G)")
+    m.add_argument("--readahead-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory all open files together may hold read ahead, e.g. 256M (default 512M)")
+    m.add_argument("--store-timeout", type=float, default=None, metavar="SECONDS",
+                   help="S3: a read the store has not answered within this long, retries included, fails with EIO (default 30)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     c = sub.add_parser("commit", help="turn staging/ into the next version")
@@ -97,6 +101,10 @@ def _mount(args: argparse.Namespace) -> None:
     )
     if args.cache_size is not None:
         opts.cache_bytes = args.cache_size
+    if args.readahead_memory is not None:
+        opts.readahead_bytes = args.readahead_memory
+    if args.store_timeout is not None:
+        opts.store_timeout = args.store_timeout
     if args.foreground:
         daemon.serve(opts, daemon.ready_writer(args.ready_fd))
         return
@@ -107,6 +115,8 @@ def _mount(args: argparse.Namespace) -> None:
     child += ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
     child += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     child += ["--cache-size", str(args.cache_size)] if args.cache_size is not None else []
+    child += ["--readahead-memory", str(args.readahead_memory)] if args.readahead_memory is not None else []
+    child += ["--store-timeout", str(args.store_timeout)] if args.store_timeout is not None else []
     daemon.start_background((["--debug"] if args.debug else []) + child, args.mountpoint, args.state_dir)
 
 

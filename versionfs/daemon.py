@@ -23,8 +23,9 @@ import pyfuse3
 import trio
 
 from . import control
-from .backends import DEFAULT_CACHE_BYTES, open_backend
+from .backends import DEFAULT_CACHE_BYTES, DEFAULT_STORE_TIMEOUT, open_backend
 from .backends.base import Backend
+from .cache import DEFAULT_READAHEAD_BYTES, ReadAheadBudget
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
 from .errors import UserError
@@ -53,6 +54,8 @@ class MountOptions:
     endpoint_url: str | None = None
     cache_dir: str | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    readahead_bytes: int = DEFAULT_READAHEAD_BYTES
+    store_timeout: float = DEFAULT_STORE_TIMEOUT
 
     @property
     def read_only(self) -> bool:
@@ -114,10 +117,12 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
-        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_bytes)
+        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_bytes,
+                              opts.store_timeout)
+        worker.adopt(backend.execution)
         check_mountpoint(mountpoint)
         check_fuse_device()
-        namespace = Namespace(backend, worker)
+        namespace = Namespace(backend, worker, ReadAheadBudget(opts.readahead_bytes))
         worker.call(namespace.load)
         fs = VersionFS(namespace)
         namespace.root.info = {

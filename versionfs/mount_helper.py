@@ -3,8 +3,8 @@
 mount(8) runs ``mount.fuse.versionfs SOURCE MOUNTPOINT [-sfnv] [-N NS] [-o OPTS]``.
 Options that are mount(8)'s or fstab's own business (``_netdev``, ``nofail``,
 ``noauto``, ``auto``, ``user``, ``users``, ``defaults``, ``x-*``) are dropped;
-``state_dir=``, ``autocommit=``, ``endpoint_url=``, ``cache_dir=`` and
-``cache_size=`` become versionfs flags; everything else goes to FUSE as ``-o``.
+``state_dir=``, ``autocommit=``, ``endpoint_url=``, ``cache_dir=``,
+``cache_size=``, ``readahead_memory=`` and ``store_timeout=`` become versionfs flags; everything else goes to FUSE as ``-o``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Sequence
 IGNORED = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "defaults"})
 FLAGS = {
     "state_dir": "--state-dir", "autocommit": "--autocommit", "endpoint_url": "--endpoint-url",
-    "cache_dir": "--cache-dir", "cache_size": "--cache-size",
+    "cache_dir": "--cache-dir", "cache_size": "--cache-size", "readahead_memory": "--readahead-memory",
+    "store_timeout": "--store-timeout",
 }
 
 

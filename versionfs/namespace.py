@@ -2,7 +2,7 @@
 (DESIGN.md section 1) onto a backend's versions and trees.
 
 Nodes are backend-agnostic: they hold ``Dir``/``File`` entries that a backend
-built, and ask the backend (on the worker thread) only for data. ``fs.py`` turns
+built, and ask the backend (through the worker) only for data. ``fs.py`` turns
 nodes into inodes; it never looks inside them.
 """
 
@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 from . import selectors
 from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, File, FileMeta, History, Revision, VersionInfo, join,
                             to_ns)
-from .cache import BlockReader, Lru
+from .cache import BlockReader, Lru, ReadAheadBudget
 from .errors import FsError, enoent
 from .logs import once
 from .worker import Worker
@@ -226,7 +226,7 @@ class TreeFile(_ReadOnlyFile):
 
     async def xattrs(self) -> dict[str, bytes]:
         """The stored file's own metadata (S3 user metadata), if the backend has any."""
-        if self.entry.ref is None or not hasattr(self.ns.backend, "xattrs"):
+        if self.entry.ref is None:
             return {}
         return await self.ns.worker.run(self.ns.backend.xattrs, self.entry.ref)
 
@@ -251,8 +251,11 @@ class BlockReaderHandle(Handle):
     def __init__(self, reader: BlockReader):
         self.reader = reader
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         return await self.reader.read(offset, size)
+
+    async def release(self) -> None:
+        self.reader.close()  # its read-ahead goes back to the budget
 
 
 class TreeDir(Node):
@@ -465,8 +468,10 @@ class Namespace:
     """The mount's layout over one backend. Call ``await reload()`` after the
     version list may have changed; it returns the root names to invalidate."""
 
-    def __init__(self, backend: Backend, worker: Worker):
+    def __init__(self, backend: Backend, worker: Worker, readahead: ReadAheadBudget | None = None):
         self.backend, self.worker = backend, worker
+        # One bound on the read-ahead of every open file together (--readahead-memory).
+        self.readahead = readahead if readahead is not None else ReadAheadBudget()
         self._trees: Lru[Dir] = Lru(TREE_CACHE_SIZE)
         self.root = Root(self)
         self.versions_dir = VersionsDir(self)
@@ -570,9 +575,9 @@ class Namespace:
             return BytesHandle(entry.content)
         size = await self.file_size(entry)
         backend, ref = self.backend, entry.ref
-        fetch = lambda offset, length: self.worker.run(backend.read, ref, offset, length)  # noqa: E731
+        fetch = lambda offset, length: self.worker.read(backend.read, ref, offset, length)  # noqa: E731
         window = {"max_window": entry.readahead} if entry.readahead else {}
-        return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn, **window))
+        return BlockReaderHandle(BlockReader(fetch, size, entry.layout, self.spawn, budget=self.readahead, **window))
 
     async def version_root(self, view: str, info: VersionInfo, ttl: float = IMMUTABLE_TTL) -> TreeDir:
         return TreeDir(self, view, info.name, "", await self.tree(info.name), ttl)

@@ -14,12 +14,14 @@ from .base import Backend
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 4 << 30
+DEFAULT_STORE_TIMEOUT = 30.0  # seconds a store may take to answer one read, retries included
 
 
 def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> Backend:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, store_timeout: float = DEFAULT_STORE_TIMEOUT) -> Backend:
     """The backend for a source; with ``cache_dir``, what it builds or fetches is
-    cached there (S3: object content; HDF5: the .h5 images' metadata)."""
+    cached there (S3: object content; HDF5: the .h5 images' metadata).
+    ``store_timeout``: a remote store's read that takes longer fails (StoreUnavailable)."""
     from ..cache import DiskCache
 
     cache = None
@@ -32,7 +34,7 @@ def open_backend(source: str, endpoint_url: str | None = None, cache_dir: str | 
     if source.startswith("s3://"):
         from .s3 import S3Backend
 
-        return S3Backend(source, endpoint_url, cache)
+        return S3Backend(source, endpoint_url, cache, store_timeout)
     from .hdf5 import HDF5Backend
 
     return HDF5Backend(source, cache)

@@ -2,8 +2,8 @@
 
 A backend knows its storage (HDF5, S3) and nothing of FUSE. It describes each
 version as a tree of ``Dir`` and ``File`` entries with display names, and reads
-byte ranges of files. All methods block: the daemon calls them on its worker
-thread, never on the trio loop.
+byte ranges of files. All methods block: the daemon calls them off the trio
+loop, on threads, as the backend's ``execution`` says (``worker.py``).
 """
 
 from __future__ import annotations
@@ -83,6 +83,19 @@ class Dir:
 
 
 Entry = Union[File, Dir]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the daemon may run a backend's calls. Every call but ``read`` is a
+    metadata call: with ``serial`` they run one at a time on one thread (h5py
+    serialises its calls anyway, and backend state needs no locks), else several
+    at once. Up to ``reads`` ``read`` calls run at once, on threads of their own,
+    beside the metadata calls: ``read`` must be safe to call from several threads
+    at once, and concurrently with any metadata call."""
+
+    serial: bool
+    reads: int
 Progress = Callable[[int, int], None]
 
 
@@ -148,6 +161,7 @@ class Backend(Protocol):
     """What the namespace needs from a source of versions (all calls block)."""
 
     description: str
+    execution: Execution  # how its calls may run (see Execution)
     names_versions: bool  # a commit may choose the new version's name
     poll_interval: float | None  # seconds between looks for other writers' versions
     # Names at a version's root that the backend generates (never stored): staging
@@ -181,6 +195,9 @@ class Backend(Protocol):
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
+
+    def xattrs(self, ref: Any) -> dict[str, bytes]:
+        """A file's own metadata as extended attributes (``user.*``); {} if none."""
 
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         """Whether a local file provably holds the bytes of a version's file."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import h5py
@@ -22,18 +24,23 @@ from .. import __version__, journal
 from ..cache import DiskCache, Lru
 from ..errors import SourceError
 from ..logs import once
-from . import hdf5_image, hdf5_write, npy
+from . import hdf5_chunks, hdf5_image, hdf5_write, npy
 from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR, MODE_ATTR,
                           MTIME_ATTR, RAW_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef,
                           TextRef, attr_to_json, file_kind, parse_timestamp, user_attrs)
-from .base import (Change, Dir, File, FileMeta, History, Progress, Revision, VersionInfo, canonical_json,
+from .base import (Change, Dir, Execution, File, FileMeta, History, Progress, Revision, VersionInfo, canonical_json,
                    compare_by_reading, join, safe_name, to_ns, version_json)
 
 log = logging.getLogger(__name__)
 
 TEXT_CACHE_BYTES = 64 << 20
 IMAGE_CACHE_SIZE = 64  # built images kept (metadata only: pages and chunk offsets)
+INDEX_CACHE_BYTES = 64 << 20  # chunk indexes of datasets read from their raw chunks
+
+
+def _index_weight(found: "tuple[hdf5_chunks.ChunkIndex | None]") -> int:
+    return 64 if found[0] is None else 256 + found[0].nbytes
 
 
 def open_file(path: str) -> h5py.File:
@@ -79,8 +86,14 @@ def open_file(path: str) -> h5py.File:
 
 
 class HDF5Backend:
-    """Versions of one versioned-HDF5 file (see the module docstring)."""
+    """Versions of one versioned-HDF5 file (see the module docstring).
 
+    Metadata calls run one at a time on one thread (h5py serialises every call
+    anyway). Reads run on threads of their own: what they need of h5py they do
+    under ``_lock`` (a commit holds it throughout: it closes and reopens the
+    file), and chunks they read straight from the file need no lock at all."""
+
+    execution = Execution(serial=True, reads=4)
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
@@ -101,6 +114,14 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._texts: Lru[bytes] = Lru(TEXT_CACHE_BYTES, weight=len)
         self._committed: dict[str, VersionInfo] = {}
+        self._lock = threading.RLock()  # h5py's file and these caches, for reads beside metadata calls
+        # Datasets read from their raw chunks: their indexes (16 bytes a chunk), and the
+        # threads that decode the chunks of one read in parallel.
+        self._indexes: Lru[tuple[hdf5_chunks.ChunkIndex | None]] = Lru(INDEX_CACHE_BYTES, weight=_index_weight)
+        self._index_lock = threading.Lock()  # only around the Lru: never held while waiting
+        self._chunk_reader = hdf5_chunks.ChunkReader(self._fd, ThreadPoolExecutor(
+            max(2, os.cpu_count() or 2), thread_name_prefix="versionfs-decode"))
+
         self.identity = self._identity()
 
     def _identity(self) -> str:
@@ -353,18 +374,25 @@ class HDF5Backend:
         return [FileMeta() for _ in refs]
 
     def file_size(self, ref: Any) -> int:
-        if isinstance(ref, ImageRef):
-            return self._image(ref.version).size
-        return len(self._text(ref))
+        with self._lock:
+            if isinstance(ref, ImageRef):
+                return self._image(ref.version).size
+            return len(self._text(ref))
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         if isinstance(ref, ImageRef):
-            return self._image(ref.version).read(self._fd, offset, length)
-        if isinstance(ref, TextRef):
-            return self._text(ref)[offset : offset + length]
-        if isinstance(ref, RawRef):
-            return self._dataset(ref.h5path)[offset : offset + length].tobytes()
-        return self._read_npy(ref, offset, length)
+            with self._lock:
+                image = self._image(ref.version)
+            return image.read(self._fd, offset, length)
+        if isinstance(ref, NpyRef):
+            return self._read_npy(ref, offset, length)
+        with self._lock:
+            if isinstance(ref, TextRef):
+                return self._text(ref)[offset : offset + length]
+            return self._dataset(ref.h5path)[offset : offset + length].tobytes()  # RawRef
+
+    def xattrs(self, ref: Any) -> dict[str, bytes]:
+        return {}  # attributes are in .attrs.json
 
     def same_content(self, entry: File, local: str, written: tuple[tuple[int, int], ...] | None) -> bool:
         return compare_by_reading(self, entry, local, written)
@@ -379,16 +407,17 @@ class HDF5Backend:
                parent_tree: Dir, progress: Progress | None = None) -> str:
         # The read handle holds a shared lock and h5py cannot have the file open
         # twice in different modes: close it for the commit, reopen after.
-        self._close_file()
-        try:
-            hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
-        finally:
-            self.f = open_file(self.path)
-            # Images are rebuilt from the file as it is now (same bytes: an image
-            # depends on content, not on where the raw chunks sit).
-            self._images.clear()
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._lock:
+            self._close_file()
+            try:
+                hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
+            finally:
+                self.f = open_file(self.path)
+                # Images are rebuilt from the file as it is now (same bytes: an image
+                # depends on content, not on where the raw chunks sit).
+                self._images.clear()
+        # self._fd stays: a commit writes the same file in place, and raw chunks
+        # never move, so reads under way beside it stay right.
         return name
 
     def _read_npy(self, ref: NpyRef, offset: int, length: int) -> bytes | memoryview:
@@ -405,17 +434,41 @@ class HDF5Backend:
         # time. Everything else skips the cost of clearing the buffer.
         padded = ref.dtype.names is not None
         buf = (np.zeros if padded else np.empty)(e1 - e0, dtype=ref.dtype)
-        ds = self._dataset(ref.h5path)
-        if not ref.shape:
-            buf[0] = ds[()]
+        index = self._chunk_index(ref.h5path)
+        if index is not None:
+            self._chunk_reader.read(index, e0, e1, buf)  # no h5py, no lock
         else:
-            pos = 0
-            for box in npy.flat_boxes(ref.shape, e0, e1):
-                n = npy.box_size(box)
-                ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
-                pos += n
+            with self._lock:
+                ds = self._dataset(ref.h5path)
+                if not ref.shape:
+                    buf[0] = ds[()]
+                else:
+                    pos = 0
+                    for box in npy.flat_boxes(ref.shape, e0, e1):
+                        n = npy.box_size(box)
+                        ds.read_direct(buf[pos : pos + n].reshape([s.stop - s.start for s in box]), source_sel=box)
+                        pos += n
         data = memoryview(buf.view(np.uint8))[d0 - e0 * itemsize : d1 - e0 * itemsize]
         return header + bytes(data) if header else data
+
+    def _chunk_index(self, h5path: str) -> hdf5_chunks.ChunkIndex | None:
+        """How to read a dataset from its raw chunks (None: through h5py), made
+        once per dataset of a version (versions never change)."""
+        with self._index_lock:
+            found = self._indexes.get(h5path)
+        if found is None:
+            with self._lock:
+                with self._index_lock:
+                    found = self._indexes.get(h5path)
+                if found is None:
+                    try:
+                        found = (hdf5_chunks.chunk_index(self._dataset(h5path), self.f),)
+                    except Exception as e:  # noqa: BLE001 - h5py reads it, and says what is wrong
+                        log.debug("%s: read through h5py (%s)", h5path, e)
+                        found = (None,)
+                    with self._index_lock:
+                        self._indexes.put(h5path, found)
+        return found[0]
 
     def _text(self, ref: TextRef) -> bytes:
         data = self._texts.get(ref.h5path)
@@ -432,5 +485,6 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._close_file()
+        self._chunk_reader.pool.shutdown(wait=True)
         os.close(self._fd)
 

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import stat as stat_mod
+import threading
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +30,18 @@ from urllib.parse import quote, urlparse
 from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
-from .base import (NAME_MAX, Change, Dir, File, FileMeta, History, Progress, Revision, VersionInfo, find, join,
-                   safe_name, to_ns)
+from . import s3_data
+from .base import (NAME_MAX, Change, Dir, Execution, File, FileMeta, History, Progress, Revision, VersionInfo, find,
+                   join, safe_name, to_ns)
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
-RANGE_PART = 8 << 20  # bytes per ranged GET
+RANGE_PART = 8 << 20  # bytes per ranged GET (and per block of the disk cache)
 PARALLEL_GETS = 8
 MAX_ATTEMPTS = 10
-READAHEAD = RANGE_PART * PARALLEL_GETS  # a full window is one GET per connection
+READAHEAD = RANGE_PART * PARALLEL_GETS  # an open file's largest read-ahead window: 8 GETs at once
+METADATA_READ_TIMEOUT = 20.0  # seconds without a byte, for listings, HEADs and commits (retried by botocore)
+XATTR_CACHE_SIZE = 1 << 16  # object versions whose user metadata is kept (it never changes; a few hundred bytes each; stat needs it: mode, links)
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
@@ -46,7 +50,6 @@ MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
 # S_IFLNK for a symlink whose body is its target; -mtime: "sec[.nnnnnnnnn]";
 # -uid, -gid): s3fs, and versionfs, read each other's files the same way.
 MODE_META, MTIME_META, UID_META, GID_META = "mode", "mtime", "uid", "gid"
-META_CACHE_SIZE = 1 << 16  # object versions whose metadata is kept (a few hundred bytes each)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,15 @@ def path_parts(relative_key: str) -> list[str] | None:
 
 
 class S3Backend:
-    """Versions of one prefix (see the module docstring)."""
+    """Versions of one prefix (see the module docstring). Every call may run
+    beside any other (boto3 clients are thread-safe; a listing's state is
+    replaced whole), so a store that does not answer holds up only the calls
+    that wait on it."""
 
+    # Reads: many at once, so that one waiting on the store (bounded by
+    # store_timeout) never keeps a read of cached content waiting for a thread;
+    # requests in flight are bounded in s3_data (MAX_GETS).
+    execution = Execution(serial=False, reads=64)
     names_versions = False  # a version is the instant of its writes
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
@@ -115,7 +125,8 @@ class S3Backend:
     generated_names: frozenset[str] = frozenset()  # every key is an ordinary file (.version.json too)
     edits_in_place = False  # an upload sends the whole file
 
-    def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None):
+    def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None,
+                 store_timeout: float = 30.0):
         import boto3
         from botocore.config import Config
 
@@ -124,22 +135,30 @@ class S3Backend:
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
         self.identity = f"s3:{endpoint}:{self.bucket}/{self.prefix}"
         self.spool_key = self.identity  # two endpoints may have buckets of the same name
-        self._metas: Lru[FileMeta] = Lru(META_CACHE_SIZE)
+        # The first request answers "can this be mounted at all?": a wrong endpoint,
+        # one that drops packets or a missing bucket is said in seconds, not after
+        # ten retries (two short attempts, before any other client is made).
+        self._check_versioning(boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+            retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=s3_data.PROBE_TIMEOUT,
+            read_timeout=s3_data.PROBE_TIMEOUT)))
         # Transient errors (5xx, throttling, resets) are retried with backoff;
         # AWS_MAX_ATTEMPTS, botocore's own setting, still overrides the count.
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2)
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=PARALLEL_GETS * 2,
+                        connect_timeout=s3_data.CONNECT_TIMEOUT, read_timeout=METADATA_READ_TIMEOUT)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
-        self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")
+        # Content (GETs, HEADs of xattrs): bounded in time as a whole (--store-timeout).
+        self.store_timeout = store_timeout
+        self._data = s3_data.Requests(endpoint_url, store_timeout, self.description)
+        self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")  # commits' parts
+        self._get_pool = ThreadPoolExecutor(s3_data.MAX_GETS, thread_name_prefix="versionfs-s3-get")
+        self._xattrs: Lru[dict[str, str]] = Lru(XATTR_CACHE_SIZE)  # object version -> its user metadata
+        self._xattrs_lock = threading.Lock()
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
-        self._listing_order: list[list[tuple[str, str]]] = []
+        self._listing = threading.local()  # per thread: the XML order of the listing under way
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
-        # The first request answers "can this be mounted at all?": a wrong endpoint
-        # or a missing bucket is said in seconds, not after ten retries.
-        self._check_versioning(boto3.client("s3", endpoint_url=endpoint_url, config=Config(
-            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)))
         self._by_key: dict[str, list[ObjectVersion]] = {}
         self._instants: list[dt.datetime] = []
         self._digits = 0
@@ -175,12 +194,12 @@ class S3Backend:
                 key = element.findtext("{*}Key")
                 version_id = element.findtext("{*}VersionId")
                 order.append((key, version_id))
-        self._listing_order.append(order)
+        self._listing.order.append(order)
 
     def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
         """Every object version and delete marker under ``prefix`` in listing order
         and, with a delimiter, the "subdirectory" prefixes found."""
-        self._listing_order = []
+        self._listing.order = []
         found: dict[tuple[str, str], ObjectVersion] = {}
         subdirs: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page}
@@ -206,7 +225,7 @@ class S3Backend:
             kwargs.pop("VersionIdMarker", None)
             if page.get("NextVersionIdMarker"):
                 kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
-        ordered = [found.pop(kv) for page in self._listing_order for kv in page if kv in found]
+        ordered = [found.pop(kv) for page in self._listing.order for kv in page if kv in found]
         return ordered + list(found.values()), subdirs  # anything the XML did not show, last
 
     @staticmethod
@@ -337,61 +356,66 @@ class S3Backend:
 
     def read(self, ref: S3Ref, offset: int, length: int) -> memoryview:
         """Bytes of one object version: whole RANGE_PART blocks, from the disk cache
-        or by ranged GETs in parallel, each read straight into its place in one
-        buffer (no joining); fetched blocks go to the cache beside the reads."""
+        or by ranged GETs (in parallel when there are several), each read straight
+        into its place in one buffer; fetched blocks go to the cache beside the
+        reads. Cached blocks never wait for the store; the others fail with
+        StoreUnavailable once ``store_timeout`` has passed."""
         end = min(offset + length, ref.size)
         if offset >= end:
             return memoryview(b"")
+        deadline = self._data.deadline()
         blocks = range(offset // RANGE_PART, (end - 1) // RANGE_PART + 1)
         start = blocks[0] * RANGE_PART
         buffer = memoryview(bytearray(min(ref.size, (blocks[-1] + 1) * RANGE_PART) - start))
         slots = [(i, buffer[i * RANGE_PART - start : min((i + 1) * RANGE_PART, ref.size) - start]) for i in blocks]
-        list(self._pool.map(lambda slot: self._fill(ref, *slot), slots))
+        missing = [(i, into) for i, into in slots if not self._from_cache(ref, i, into)]
+        if len(missing) == 1:
+            self._fetch(ref, *missing[0], deadline)
+        elif missing:
+            list(self._get_pool.map(lambda slot: self._fetch(ref, *slot, deadline), missing))
         return buffer[offset - start : end - start]
 
-    def _fill(self, ref: S3Ref, index: int, into: memoryview) -> None:
+    def _identity(self, ref: S3Ref) -> str:
         # A VersionId names one content for ever; the "null" version can be
         # replaced, so its ETag is part of the identity (it revalidates).
-        identity = f"{self.bucket}\0{ref.key}\0{ref.version_id}\0{ref.etag}"
-        if self.cache is not None:
-            cached = self.cache.get(identity, index)
-            if cached is not None and len(cached) == len(into):
-                into[:] = cached
-                return
-        self._get_into(ref, index * RANGE_PART, into)
-        if self.cache is not None:
-            self._cache_writer.submit(self.cache.put, identity, index, bytes(into))
+        return f"{self.bucket}\0{ref.key}\0{ref.version_id}\0{ref.etag}"
 
-    def _get_into(self, ref: S3Ref, start: int, into: memoryview) -> None:
-        stop = start + len(into)
-        response = self.client.get_object(
-            Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id, Range=f"bytes={start}-{stop - 1}"
-        )
-        # botocore's own read checks the length (and any checksum) of what came.
-        data = response["Body"].read()
-        if "ContentRange" not in response and len(data) == ref.size and len(into) != ref.size:
-            data = data[start:stop]  # the server ignored the Range (some do with a VersionId)
-        if len(data) != len(into):
-            raise OSError(f"s3://{self.bucket}/{ref.key}: asked for {len(into)} bytes at {start}, got {len(data)}")
-        into[:] = data
+    def _from_cache(self, ref: S3Ref, index: int, into: memoryview) -> bool:
+        if self.cache is None:
+            return False
+        cached = self.cache.get(self._identity(ref), index)
+        if cached is None or len(cached) != len(into):
+            return False
+        into[:] = cached
+        return True
+
+    def _fetch(self, ref: S3Ref, index: int, into: memoryview, deadline: float) -> None:
+        self._data.get_into(self.bucket, ref.key, ref.version_id, ref.size, index * RANGE_PART, into, deadline)
+        if self.cache is not None:
+            self._cache_writer.submit(self.cache.put, self._identity(ref), index, bytes(into))
+
+    def _metadata(self, ref: S3Ref) -> dict[str, str]:
+        """An object version's user metadata (x-amz-meta-*): one HEAD per object
+        version, kept (its metadata never changes)."""
+        key = (ref.key, ref.version_id, ref.etag)
+        with self._xattrs_lock:
+            found = self._xattrs.get(key)
+        if found is None:
+            found = self._data.head(self.bucket, ref.key, ref.version_id).get("Metadata", {})
+            with self._xattrs_lock:
+                self._xattrs.put(key, found)
+        return found
 
     def file_meta(self, ref: S3Ref) -> FileMeta:
-        """Mode, link-ness and mtime from the object version's metadata (one HEAD,
-        kept per object version: a VersionId names one object for ever)."""
-        identity = (ref.key, ref.version_id, ref.etag)
-        meta = self._metas.get(identity)
-        if meta is None:
-            head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
-            meta = self._metas.put(identity, parse_s3fs_meta(head.get("Metadata", {})))
-        return meta
+        """Mode, link-ness and mtime, from the metadata s3fs's names give."""
+        return parse_s3fs_meta(self._metadata(ref))
 
     def file_metas(self, refs: list[S3Ref]) -> list[FileMeta]:
-        return list(self._pool.map(self.file_meta, refs))
+        return list(self._get_pool.map(self.file_meta, refs))
 
     def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
         """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
-        head = self.client.head_object(Bucket=self.bucket, Key=ref.key, VersionId=ref.version_id)
-        return {f"user.{k}": v.encode() for k, v in head.get("Metadata", {}).items()}
+        return {f"user.{k}": v.encode() for k, v in self._metadata(ref).items()}
 
     # -- equality ---------------------------------------------------------------------
     def same_content(self, entry: File, local: str, written: Any = None) -> bool:
@@ -578,6 +602,7 @@ class S3Backend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._get_pool.shutdown(wait=False)
         self._cache_writer.shutdown(wait=True)  # what was read stays cached
 
 
