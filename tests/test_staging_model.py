@@ -312,6 +312,6 @@ class FastStagingModel(RuleBasedStateMachine):
 
 TestFastStagingModel = FastStagingModel.TestCase
 TestFastStagingModel.settings = settings(
-    max_examples=int(os.environ.get("FAST_MODEL_EXAMPLES", 1500)), stateful_step_count=20, deadline=None,
+    max_examples=int(os.environ.get("FAST_MODEL_EXAMPLES", 1000)), stateful_step_count=15, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
