@@ -287,6 +287,52 @@ async def _stage_many(fast: FastFS, n: int) -> None:
 
 
 # -- sparse copy-up ------------------------------------------------------------------------
+def test_sparse_copy_up_without_a_kernel(tmp_path):
+    """A write into a big base file copies in one chunk row; reads, a truncate, an
+    unlink while open and the commit all see the file's true bytes."""
+    def big(g):
+        g.create_dataset("big", data=np.arange(1_000_000, dtype="f8"), chunks=(10_000,))
+
+    fs = FastFS(str(make_versions(tmp_path / "s.h5", big)), str(tmp_path / "state"))
+    try:
+        expected = bytearray(fs.read_bytes("latest/big.npy"))
+        fh = fs.open("staging/big.npy", os.O_RDWR)
+        fs.write(fh, 128 + 8 * 500_000, b"\xff" * 24)
+        expected[128 + 8 * 500_000 : 128 + 8 * 500_000 + 24] = b"\xff" * 24
+        row = fs.overlay.store.rows["big.npy"]
+        assert row.fill_limit == len(expected) and fs.overlay.store.present(row.blob) == [(0, 128), (128 + 8 * 500_000, 128 + 8 * 510_000)]
+        assert fs.read(fh, 0, len(expected)) == bytes(expected)
+        fs.close_fh(fh)
+        assert fs.read_bytes("staging/big.npy") == bytes(expected)
+        assert fs.status() == ["M big.npy"]
+        fh = fs.open("staging/big.npy", os.O_RDONLY)
+        fs.unlink("staging/big.npy")  # the present ranges leave the spool: the open file keeps them
+        assert fs.read(fh, 0, len(expected)) == bytes(expected)
+        fs.close_fh(fh)
+        fs.discard()
+        fh = fs.open("staging/big.npy", os.O_RDWR)
+        fs.write(fh, 128 + 8 * 10, b"\x00" * 8)
+        fs.close_fh(fh)
+        fs.truncate("staging/big.npy", 128 + 8 * 20)  # shorter: nothing past it comes from the base again
+        fs.truncate("staging/big.npy", 128 + 8 * 40)
+        data = fs.read_bytes("staging/big.npy")
+        assert len(data) == 128 + 8 * 40 and data[128 + 8 * 20 :] == bytes(8 * 20)
+        assert data[: 128 + 8 * 20] == bytes(expected[:128 + 80]) + bytes(8) + bytes(expected[128 + 88 : 128 + 160])
+        fs.discard()
+        fh = fs.open("staging/big.npy", os.O_RDWR)
+        fs.write(fh, 128 + 8 * 999_999, np.array([-7.0]).tobytes())  # the last chunk row
+        fs.close_fh(fh)
+        assert fs.commit("two") == "two"
+        with h5py.File(fs.source, "r") as f:
+            got = VersionedHDF5File(f)["two"]["big"][()]
+        want = np.arange(1_000_000, dtype="f8")
+        want[-1] = -7
+        assert (got == want).all()
+    finally:
+        fs.close()
+        fs.loop.close()
+
+
 def test_sparse_copy_up_copies_only_the_units_written(tmp_path, mount):
     def big(g):
         g.create_dataset("big", data=np.arange(4_000_000, dtype="f8"), chunks=(100_000,))

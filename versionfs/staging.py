@@ -347,9 +347,17 @@ class Overlay:
     async def sparse_of(self, row: Row) -> Sparse | None:
         if row.fill_limit is None or row.blob is None:
             return None
+        await self.base_tree()
+        return self.sparse_now(row)
+
+    def sparse_now(self, row: Row) -> Sparse | None:
+        """``sparse_of`` with the base tree loaded (one object per blob, shared by
+        its open files)."""
+        if row.fill_limit is None or row.blob is None:
+            return None
         state = self.sparse.get(row.blob)
         if state is None:
-            base = find(await self.base_tree(), row.origin or row.path)
+            base = find(self._base, row.origin or row.path) if self._base is not None else None
             if not isinstance(base, File):
                 raise FsError(errno.EIO, f"staging: the base of sparse {row.path} is gone")
             state = self.sparse[row.blob] = Sparse(base, row.fill_limit, self.store.present(row.blob))
@@ -367,8 +375,8 @@ class Overlay:
         """Copy every byte a sparse blob still takes from the base into it (off
         the trio loop, a large piece at a time); the blob is then complete."""
         state = await self.sparse_of(row)
-        if state is None:
-            return
+        if state is None or row.blob in self.blob_writers:
+            return  # open for writing: its handles copy up as they go (a commit waits for them)
         fd = os.open(self.store.blob_path(row.blob), os.O_WRONLY)
         try:
             for start, stop in state.missing(0, state.limit):
@@ -382,6 +390,7 @@ class Overlay:
             self.store.set_present(row.blob, [])
             for r in self.store.rows_of(row.blob):
                 self.store.put(replace(r, fill_limit=None))
+        state.limit = 0  # complete: open readers stop reading the base
         self.sparse.pop(row.blob, None)
 
 
@@ -502,6 +511,8 @@ class StagingFile(StagingNode):
 
     def detach(self, row: Row | None) -> None:
         super().detach(row)
+        if row is not None and row.fill_limit is not None:
+            self.overlay.sparse_now(row)  # its present ranges leave the spool with the row
         if row is not None and row.blob is not None:
             # Keep the content reachable: the blob's file goes once unused.
             self.detached_fd = os.open(self.overlay.store.blob_path(row.blob), os.O_RDWR)
