@@ -193,6 +193,37 @@ def test_symlinks_are_stored_and_committed(fast):
         assert "moved" in VersionedHDF5File(f)["three"]
 
 
+def test_inode_numbers_stay_as_on_a_local_disk(fast):
+    """Renames, metadata changes, writes and the kernel forgetting an inode (then
+    looking it up again) keep an entry's inode number."""
+    import gc
+
+    fast.write_bytes("staging/new", b"x")
+    fast.mkdir("staging/d")
+    fast.symlink("new", "staging/l")
+    names = ["staging/new", "staging/d", "staging/l", "staging/x.npy", "staging/sub"]
+    before = [fast.ino(n, follow=False) for n in names]
+
+    def forget_all() -> None:
+        counts = list(fast.fs._lookups.items())
+        fast.loop.run(fast.fs.forget, [(i, n) for i, n in counts if i != 1])
+        gc.collect()
+
+    forget_all()
+    assert [fast.ino(n, follow=False) for n in names] == before
+    fast.setattr("staging/x.npy", mode=0o600)
+    fast.rename("staging/new", "staging/d/moved")
+    fast.rename("staging/sub", "staging/d/sub2")  # a directory of the base
+    fast.rename("staging/x.npy", "staging/d/x2.npy")  # a file of the base
+    fast.write_bytes("staging/d/x2.npy", b"rewritten", offset=0)
+    forget_all()
+    after = ["staging/d/moved", "staging/d", "staging/l", "staging/d/x2.npy", "staging/d/sub2"]
+    assert [fast.ino(n, follow=False) for n in after] == before
+    fast.unlink("staging/d/moved")
+    fast.write_bytes("staging/d/moved", b"another")  # a new file under an old name: a new inode
+    assert fast.ino("staging/d/moved") not in before
+
+
 def test_refusals_have_one_errno_each(fast):
     for attempt in (lambda: fast.link("staging/x.npy", "staging/hard"),
                     lambda: fast.mknod("staging/fifo", stat.S_IFIFO | 0o644),

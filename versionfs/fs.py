@@ -161,7 +161,7 @@ class VersionFS(pyfuse3.Operations):
             if self._lookups[inode] <= 0 and inode != pyfuse3.ROOT_INODE:
                 del self._lookups[inode]
                 node = self._nodes.pop(inode, None)
-                if node is not None:
+                if node is not None and not node.keeps_inode:
                     self._inodes.pop(node.key, None)
 
     @_guard

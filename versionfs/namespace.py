@@ -102,6 +102,9 @@ class Node:
     is_dir = False
     ttl = IMMUTABLE_TTL  # how long the kernel may cache this node's name and attributes
     keep_cache = True  # its content never changes
+    # True: the key keeps its inode number after the kernel forgets it (staging,
+    # whose entries a test may stat before and after; version trees need not).
+    keeps_inode = False
 
     async def attr(self) -> Attr:
         raise NotImplementedError

@@ -39,7 +39,7 @@ RESERVE_BYTES = 1 << 20
 CHECKPOINT_EVERY = 2.0  # seconds between WAL checkpoints while rows change
 SCHEMA = 2
 COLUMNS = ("path", "kind", "blob", "base_path", "target", "opaque", "origin", "tracked", "fill_limit",
-           "uid", "gid", "mode", "atime_ns", "mtime_ns", "ctime_ns")
+           "uid", "gid", "mode", "atime_ns", "mtime_ns", "ctime_ns", "ino")
 
 
 def split(path: str) -> tuple[str, str]:
@@ -72,6 +72,10 @@ class Row:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    # What the entry is, whatever its path: set when staging makes it (create,
+    # mkdir, symlink) and kept by renames; None: an entry of the base, known by
+    # its base path. Inode numbers follow it.
+    ino: int | None = None
 
     def values(self) -> tuple:
         return tuple(getattr(self, c) if c not in ("opaque", "tracked") else int(getattr(self, c)) for c in COLUMNS)
@@ -129,9 +133,11 @@ class Store:
                 "CREATE TABLE entries (path TEXT PRIMARY KEY, kind TEXT NOT NULL, blob TEXT, base_path TEXT,"
                 " target TEXT, opaque INTEGER NOT NULL DEFAULT 0, origin TEXT, tracked INTEGER NOT NULL DEFAULT 0,"
                 " fill_limit INTEGER, uid INTEGER, gid INTEGER, mode INTEGER, atime_ns INTEGER, mtime_ns INTEGER,"
-                " ctime_ns INTEGER)")
+                " ctime_ns INTEGER, ino INTEGER)")
         elif "uid" not in old:
             self._migrate(owner)
+        elif "ino" not in old:
+            db.execute("ALTER TABLE entries ADD COLUMN ino INTEGER")
         db.execute("CREATE TABLE IF NOT EXISTS written (blob TEXT NOT NULL, start INTEGER, stop INTEGER)")
         db.execute("CREATE INDEX IF NOT EXISTS written_blob ON written (blob)")
         db.execute("CREATE TABLE IF NOT EXISTS present (blob TEXT NOT NULL, start INTEGER, stop INTEGER)")
@@ -143,7 +149,8 @@ class Store:
         blob's): add the new columns and fill them, keeping every staged change."""
         db = self.db
         db.execute("BEGIN")
-        for column in ("target TEXT", "fill_limit INTEGER", "uid INTEGER", "gid INTEGER", "atime_ns INTEGER", "ctime_ns INTEGER"):
+        for column in ("target TEXT", "fill_limit INTEGER", "uid INTEGER", "gid INTEGER", "atime_ns INTEGER", "ctime_ns INTEGER",
+                       "ino INTEGER"):
             db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
         now = time.time_ns()
         for path, kind, blob, mode, mtime in list(db.execute("SELECT path, kind, blob, mode, mtime_ns FROM entries")):
@@ -372,6 +379,12 @@ class Store:
     def set_present(self, blob: str, ranges: list[tuple[int, int]]) -> None:
         self.db.execute("DELETE FROM present WHERE blob = ?", (blob,))
         self.db.executemany("INSERT INTO present VALUES (?, ?, ?)", [(blob, a, b) for a, b in ranges])
+
+    def new_ino(self) -> int:
+        """A new entry's identity (unique in this spool, in the caller's transaction)."""
+        ino = int(self.meta("next_ino") or 1)
+        self.set_meta("next_ino", str(ino + 1))
+        return ino
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

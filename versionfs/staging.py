@@ -36,7 +36,6 @@ import stat as stat_mod
 import time
 import weakref
 from dataclasses import dataclass, replace
-from itertools import count
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -105,7 +104,6 @@ class Overlay:
         self.sparse: dict[str, Sparse] = {}
         self.last_change = time.monotonic()
         self.lock = trio.Lock()  # held by commit/discard and every change
-        self._serial = count(1)
         self._base: Dir | None = None
         self._base_name: str | None = None
         self._base_subdirs: dict[int, int] = {}
@@ -252,9 +250,15 @@ class Overlay:
             cls = StagingDir
         else:
             cls = StagingLink if (await self.ns.file_meta(base)).link else StagingFile
+        # The same entry is the same node (and inode) whatever its path, also
+        # after the kernel has forgotten it: by its ino, or by its base path.
+        if row is not None and row.ino is not None:
+            key: tuple = ("staging", self.epoch, row.ino)
+        else:
+            key = ("staging-base", self.epoch, (row.base_path or row.origin or path) if row is not None else path)
         node = self.live.get(path)
-        if type(node) is not cls:
-            node = cls(self, path, next(self._serial))
+        if type(node) is not cls or node.key != key:
+            node = cls(self, path, key)
             self.live[path] = node
         return node
 
@@ -399,10 +403,12 @@ class StagingNode(Node):
     keep_cache = False
     kind = "file"
 
-    def __init__(self, overlay: Overlay, path: str, serial: int):
+    keeps_inode = True  # a local file system's inode numbers do not change
+
+    def __init__(self, overlay: Overlay, path: str, key: tuple):
         self.overlay, self.path = overlay, path
         self.epoch = overlay.epoch
-        self.key = ("staging", serial)
+        self.key = key
         # Set once unlinked (or replaced) while the kernel still knows it: what
         # it was, kept for open descriptors and fstat until the last close.
         self.detached: Row | None = None
@@ -736,7 +742,7 @@ class StagingDir(StagingNode):
             blob, fd = store.open_new_blob()
             try:
                 with store.transaction():
-                    store.put(replace(new, path=path, blob=blob))
+                    store.put(replace(new, path=path, blob=blob, ino=store.new_ino()))
                     self._touch(here, base, new.mtime_ns)
             except BaseException:
                 os.close(fd)
@@ -765,7 +771,7 @@ class StagingDir(StagingNode):
             # A directory made where a deleted one was must not show the old contents.
             opaque = previous is not None and previous.kind == "deleted"
             with store.transaction():
-                store.put(replace(new, path=path, kind="dir", opaque=opaque))
+                store.put(replace(new, path=path, kind="dir", opaque=opaque, ino=store.new_ino()))
                 self._touch(here, base, new.mtime_ns)
             overlay.touch()
         return await overlay.node(path)
@@ -778,7 +784,7 @@ class StagingDir(StagingNode):
             path, _ = await self._absent(name)
             new, here, base = await self._new_owner(caller, LINK_MODE, False)
             with store.transaction():
-                store.put(replace(new, path=path, kind="link", target=target, mode=LINK_MODE))
+                store.put(replace(new, path=path, kind="link", target=target, mode=LINK_MODE, ino=store.new_ino()))
                 self._touch(here, base, new.mtime_ns)
             overlay.touch()
         return await overlay.node(path)
@@ -903,6 +909,8 @@ class StagingDir(StagingNode):
                     meta = replace(meta, base_path=old)
                 out.append(replace(meta, path=new))
             else:
+                if row is None:  # a directory of the base: known by its base path still
+                    meta = replace(meta, base_path=old)
                 out.append(replace(meta, path=new, opaque=True))
                 for name in await overlay.listing(old):
                     pending.append((join(old, name), join(new, name), False))
