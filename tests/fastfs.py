@@ -21,6 +21,7 @@ import trio
 
 from versionfs.backends import open_backend
 from versionfs.commit import Committer
+from versionfs.errors import FsError
 from versionfs.fs import VersionFS
 from versionfs.namespace import Namespace
 from versionfs.staging import Overlay
@@ -95,6 +96,8 @@ class FastFS:
         try:
             return await afn(*args)
         except pyfuse3.FUSEError as e:
+            raise OSError(e.errno, os.strerror(e.errno)) from None
+        except FsError as e:  # a node called directly (readdir needs a kernel's token)
             raise OSError(e.errno, os.strerror(e.errno)) from None
 
     def call(self, afn: Callable[..., Any], *args: Any) -> Any:
@@ -311,7 +314,7 @@ class FastFS:
     def listdir(self, path: str) -> list[str]:
         async def op() -> list[str]:
             node = self.fs._node(await self._ino(path))
-            return [name for name, _ in await node.children()]
+            return [name for name, _ in await self._call(node.children)]
         return self.loop.run(op)
 
     def rmtree(self, path: str) -> None:
@@ -327,7 +330,7 @@ class FastFS:
         """Relative path -> (kind, mode, content or link target or nlink)."""
         async def walk(inode: int, prefix: str, out: dict[str, Any]) -> None:
             node = self.fs._node(inode)
-            for name, _ in await node.children():
+            for name, _ in await self._call(node.children):
                 entry = await self._call(self.fs.lookup, inode, os.fsencode(name), ctx())
                 rel = f"{prefix}{name}"
                 if stat.S_ISDIR(entry.st_mode):

@@ -7,6 +7,7 @@ through a real mount (few examples here, many in the slow tier)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import stat
@@ -176,6 +177,7 @@ class _Shared:
             cls.tmp = Path(tempfile.mkdtemp(prefix="vfs-fastmodel-"))
             source = make_versions(cls.tmp / "m.h5", _v1)
             cls.fast = FastFS(str(source), str(cls.tmp / "state"), Loop())
+            atexit.register(cls.close)
             cls.template = cls.tmp / "template"
             cls.template.mkdir()
             for path, content in (("x.npy", cls.fast.read_bytes("latest/x.npy")),
@@ -183,6 +185,12 @@ class _Shared:
                 (cls.template / path).parent.mkdir(parents=True, exist_ok=True)
                 (cls.template / path).write_bytes(content)
         return cls.fast, cls.tmp
+
+    @classmethod
+    def close(cls) -> None:
+        cls.fast.close()
+        cls.fast.loop.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
 
 
 FAST_NAMES = st.sampled_from(["a", "b", "c.npy", "x.npy", "sub", "deep", "z.npy", "l"])

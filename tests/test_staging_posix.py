@@ -300,7 +300,8 @@ def test_staged_operations_do_not_scan_the_spool(fast):
             fast.unlink(f"staging/sub/t{i}")
         return time.perf_counter() - started
 
-    small, large = cost(200), cost(20_000)
+    small = min(cost(200) for _ in range(2))  # the best of two: the machine is shared
+    large = min(cost(20_000) for _ in range(2))
     assert large < 3 * small + 0.5, (small, large)
 
 
@@ -607,7 +608,7 @@ def test_a_rename_on_a_full_spool_disk_is_all_or_nothing(tmp_path, mount):
 
     state = tmp_path / "small"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)], check=True)
     src = make_versions(tmp_path / "full.h5", v)
     try:
         m = mount(src, "--state-dir", str(state))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Iterable
 from urllib.parse import quote, unquote
 
+import trio
+
 from . import selectors
 from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, File, FileMeta, History, Revision, VersionInfo, join,
                             to_ns)
@@ -37,6 +39,10 @@ SHORT_TTL = 1.0
 # versions are read-only all the same (EROFS).
 FILE_MODE, DIR_MODE = 0o644, 0o755
 TREE_CACHE_SIZE = 32
+# How long a lookup or stat waits for a file's metadata (S3: a HEAD) before it
+# answers with defaults the kernel does not keep (the request goes on and fills
+# the cache): a store that does not answer never holds up lookups for long.
+META_WAIT = 1.0
 HISTORY_CACHE_SIZE = 1024  # history directories kept (cleared when versions change)
 
 
@@ -208,7 +214,9 @@ class TreeFile(_ReadOnlyFile):
         self.own_mtime = own_mtime  # False: the entry's mtime says it all (history/ shows the revision's time)
 
     async def attr(self) -> Attr:
-        meta = await self.ns.file_meta(self.entry)
+        meta = await self.ns.file_meta_soon(self.entry)
+        if meta is None:
+            return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, FILE_MODE, exact=False)
         mode = meta.mode if meta.mode is not None else FILE_MODE  # as committed
         mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
         return Attr(False, await self.ns.file_size(self.entry), mtime, mode)
@@ -286,8 +294,8 @@ class TreeDir(Node):
         entry = self.entry.children.get(name)
         if entry is None:
             raise enoent()
-        if isinstance(entry, File):
-            await self.ns.file_meta(entry)  # a link or a file: known before the kernel gets an inode
+        if isinstance(entry, File) and entry.may_be_link:
+            await self.ns.file_meta_soon(entry)  # a link or a file: known before the kernel gets an inode
         return self._child(name, entry)
 
     async def children(self) -> list[tuple[str, Node]]:
@@ -401,7 +409,8 @@ class HistoryDir(Node):
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
         if entry is not None:
-            await self.ns.file_meta(entry[1])
+            if entry[1].may_be_link:
+                await self.ns.file_meta_soon(entry[1])
             return self.ns.file_node(("history-file", self.path, name), entry[1], own_mtime=False)
         if name in listing.history.children:
             return HistoryDir(self.ns, join(self.path, name))
@@ -559,6 +568,18 @@ class Namespace:
             metas = await self.worker.run(self.backend.file_metas, [e.ref for e in wanted])
             for entry, meta in zip(wanted, metas):
                 entry.meta = meta
+
+    async def file_meta_soon(self, entry: File) -> FileMeta | None:
+        """``file_meta``, or None if the store takes longer than META_WAIT (the
+        request still completes and fills the backend's cache)."""
+        if entry.meta is not None:
+            return entry.meta
+        with trio.move_on_after(META_WAIT):
+            entry.meta = await self.worker.run_or_leave(self.backend.file_meta, entry.ref)
+            return entry.meta
+        log.warning("the store is slow to give a file's metadata: its mode and mtime are shown as defaults for now",
+                    extra=once("slow-meta"))
+        return None
 
     async def link_target(self, entry: File) -> str:
         handle = await self.open_file(entry)

@@ -117,6 +117,7 @@ class Store:
         self.base_is_dir: Callable[[str], bool] = lambda path: False
         self._reload()
         self.reserve = os.path.join(directory, "reserve")
+        self._reserved = False  # the reserve is known to be there
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._last_checkpoint = time.monotonic()
         self._dirty = False
@@ -213,6 +214,8 @@ class Store:
     def keep_reserve(self) -> None:
         """A little disk space held back, so that removing files (which needs a
         database write) still works once the disk is full (see ``freeing``)."""
+        if self._reserved:
+            return
         if not os.path.exists(self.reserve):
             try:
                 with open(self.reserve, "wb") as f:
@@ -222,6 +225,7 @@ class Store:
                     os.unlink(self.reserve)
                 except FileNotFoundError:
                     pass
+        self._reserved = os.path.exists(self.reserve)
 
     def run_freeing(self, change: Callable[[], None]) -> None:
         """``change()`` in a transaction that frees space; run again once if the
@@ -243,6 +247,7 @@ class Store:
             if "full" not in str(e) or not os.path.exists(self.reserve):
                 raise
             os.unlink(self.reserve)
+            self._reserved = False
             raise RetryFreed() from None
 
     # -- rows ---------------------------------------------------------------------------
@@ -356,6 +361,8 @@ class Store:
             raise
 
     def _reload(self) -> None:
+        self._last_ino = max(getattr(self, "_last_ino", 0),
+                             self.db.execute("SELECT max(ino) FROM entries").fetchone()[0] or 0)
         self._meta.clear()
         self.rows.clear()
         self.children.clear()
@@ -381,10 +388,10 @@ class Store:
         self.db.executemany("INSERT INTO present VALUES (?, ?, ?)", [(blob, a, b) for a, b in ranges])
 
     def new_ino(self) -> int:
-        """A new entry's identity (unique in this spool, in the caller's transaction)."""
-        ino = int(self.meta("next_ino") or 1)
-        self.set_meta("next_ino", str(ino + 1))
-        return ino
+        """A new entry's identity (unique among this spool's rows, and in this
+        process: counted on from the largest one staged)."""
+        self._last_ino += 1
+        return self._last_ino
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -414,13 +421,16 @@ class Store:
         blob = uuid.uuid4().hex
         return blob, os.open(self.blob_path(blob), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
-    def drop_blob(self, blob: str | None) -> None:
+    def drop_blob(self, blob: str | None, row: Row | None = None) -> None:
         """Forget a blob no row uses any more; its file goes on the spool's thread
-        (an open descriptor keeps working until closed)."""
+        (an open descriptor keeps working until closed). ``row``: the last one
+        that had it (what it says spares the statements for ranges it never had)."""
         if blob is None or blob in self.blob_rows:
             return
-        self.db.execute("DELETE FROM written WHERE blob = ?", (blob,))
-        self.db.execute("DELETE FROM present WHERE blob = ?", (blob,))
+        if row is None or row.origin is not None:
+            self.db.execute("DELETE FROM written WHERE blob = ?", (blob,))
+        if row is None or row.fill_limit is not None:
+            self.db.execute("DELETE FROM present WHERE blob = ?", (blob,))
         path = self.blob_path(blob)
         self.later(lambda: _unlink(path))
 

@@ -837,7 +837,7 @@ class StagingDir(StagingNode):
         store.run_freeing(remove)
         overlay.detach(doomed)
         for row in rows:
-            store.drop_blob(row.blob)
+            store.drop_blob(row.blob, row)
         store.keep_reserve()
 
     @_local_errors
@@ -889,7 +889,7 @@ class StagingDir(StagingNode):
             overlay.detach(doomed)
             for row in replaced:
                 if row.blob not in moved_blobs:
-                    store.drop_blob(row.blob)
+                    store.drop_blob(row.blob, row)
             overlay.moved(src, dst, node.is_dir)
             overlay.touch()
 
