@@ -188,7 +188,11 @@ class _Shared:
 
     @classmethod
     def close(cls) -> None:
-        cls.fast.close()
+        try:
+            cls.fast.close()
+        except RuntimeError:  # at exit the worker's pool may be shut down already
+            cls.fast.overlay.store.close()
+            cls.fast.backend.close()
         cls.fast.loop.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
