@@ -157,7 +157,7 @@ def test_selectors_latest_and_listing(zmnt):
     listing = subprocess.run(["ls", "-l", str(root / "versions")], capture_output=True, text=True, check=True).stdout
     for version in VERSIONS:
         line = next(line for line in listing.splitlines() if line.endswith(f" {version}.h5"))
-        assert line.startswith("-r--r--r--") and int(line.split()[4]) == os.stat(root / f"versions/{version}.h5").st_size
+        assert line.startswith("-rw-r--r--") and int(line.split()[4]) == os.stat(root / f"versions/{version}.h5").st_size
     with pytest.raises(OSError) as e:
         open(root / "latest.h5", "r+b")
     assert e.value.errno == errno.EROFS

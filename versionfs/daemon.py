@@ -35,6 +35,7 @@ from .mounts import FSTYPE, mount_fstype
 from .namespace import Namespace
 from .options import OPTIONS, MountOptions
 from .selectors import choose
+from .spool import SpoolLock
 from .staging import Overlay
 from .worker import Worker
 
@@ -126,6 +127,8 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     worker = Worker()
     backend: Backend | None = None
     mounted = False
+    lock: SpoolLock | None = None
+    overlay: Overlay | None = None
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
@@ -145,8 +148,11 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             namespace.root.info[XATTR_ENDPOINT] = opts.endpoint_url.encode()
         committer = None
         if not opts.read_only:
-            overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))
+            directory = spool_dir(opts.state_dir, backend)
+            lock = SpoolLock(directory, mountpoint)  # one writable mount per source and state directory
+            overlay = Overlay(namespace, directory)
             finish_interrupted(overlay, set(namespace.by_name))
+            overlay.check_source(backend.identity, backend.description)
             namespace.overlay = overlay
             committer = Committer(namespace, overlay)
         namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
@@ -165,6 +171,10 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         if mounted:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", opts.mountpoint)
+        if overlay is not None:
+            overlay.store.close()
+        if lock is not None:
+            lock.release()
         if backend is not None:
             worker.call(backend.close)
         worker.close()
@@ -338,6 +348,18 @@ def staging_dir(state: str | None, source: str) -> str:
     """Staged data of one source: kept across mounts (and crashes) of that source."""
     name = hashlib.sha256(source.encode()).hexdigest()[:16]
     return os.path.join(state_dir(state), "staging", name)
+
+
+def spool_dir(state: str | None, backend: Backend) -> str:
+    """The spool of a backend's source, by its spool key. A spool made before the
+    key included an S3 endpoint (keyed by the description) is moved to its new
+    place, once."""
+    directory = staging_dir(state, backend.spool_key)
+    old = staging_dir(state, backend.description)
+    if old != directory and os.path.isdir(old) and not os.path.exists(directory):
+        os.rename(old, directory)
+        log.info("staging of %s moved to %s", backend.description, directory)
+    return directory
 
 
 def log_path(mountpoint: str, state: str | None = None) -> str:

@@ -22,7 +22,7 @@ import trio
 
 from .errors import FsError, classify
 from .logs import once
-from .namespace import REQUEST, Handle, Namespace, Node, Request, mode_bits
+from .namespace import REQUEST, Caller, Handle, Namespace, Node, Request, SetAttr, mode_bits
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -79,6 +79,8 @@ def being_killed(pid: int) -> bool:
         return True
     sigkill = 1 << (9 - 1)
     return any(int(status.get(field, "0").strip() or "0", 16) & sigkill for field in ("SigPnd", "ShdPnd"))
+def caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
 
 def _name(raw: bytes) -> str:
@@ -138,7 +140,7 @@ class VersionFS(pyfuse3.Operations):
         return node
 
     async def _entry(self, node: Node, count: bool = True, listing: bool = False) -> pyfuse3.EntryAttributes:
-        inode = self._inode(node, count)
+        inode = self._inode(node, False)  # counted below, once the kernel is sure to get the entry
         placeholder = listing
         if not listing and inode in self._placeholders:  # a stat right after a listing (ls -l)
             placeholder = self._placeholders[inode] > time.monotonic()
@@ -155,11 +157,16 @@ class VersionFS(pyfuse3.Operations):
         entry.entry_timeout = entry.attr_timeout = node.ttl if attr.exact else LISTING_GRACE if listing else 0
         entry.st_mode = mode_bits(attr)
         entry.st_nlink = attr.nlink
-        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_uid = self.uid if attr.uid is None else attr.uid
+        entry.st_gid = self.gid if attr.gid is None else attr.gid
         entry.st_size = attr.size
         entry.st_blksize = 1 << 17
         entry.st_blocks = -(-attr.size // 512)
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_atime_ns = attr.mtime_ns if attr.atime_ns is None else attr.atime_ns
+        entry.st_ctime_ns = attr.mtime_ns if attr.ctime_ns is None else attr.ctime_ns
+        if count:
+            self._lookups[inode] += 1
         return entry
 
     def _note_placeholder(self, inode: int) -> None:
@@ -217,7 +224,7 @@ class VersionFS(pyfuse3.Operations):
             if self._lookups[inode] <= 0 and inode != pyfuse3.ROOT_INODE:
                 del self._lookups[inode]
                 node = self._nodes.pop(inode, None)
-                if node is not None:
+                if node is not None and not node.keeps_inode:
                     self._inodes.pop(node.key, None)
 
     @_guard
@@ -319,12 +326,12 @@ class VersionFS(pyfuse3.Operations):
     # -- changes (read-only nodes answer EROFS) ----------------------------------
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node, handle = await self._node(parent_inode).create(_name(name), mode)
+        node, handle = await self._node(parent_inode).create(_name(name), mode, caller(ctx))
         return pyfuse3.FileInfo(fh=self._new_handle(handle)), await self._entry(node)
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).mkdir(_name(name), mode))
+        return await self._entry(await self._node(parent_inode).mkdir(_name(name), mode, caller(ctx)))
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -342,24 +349,29 @@ class VersionFS(pyfuse3.Operations):
     @_guard
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        await node.setattr(
-            attr.st_size if fields.update_size else None,
-            attr.st_mtime_ns if fields.update_mtime else None,
-            attr.st_mode if fields.update_mode else None,
-        )
+        # pyfuse3 has turned UTIME_NOW into the time now; UTIME_OMIT leaves a field unset.
+        await node.setattr(SetAttr(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        ), caller(ctx))
         return await self._entry(node, count=False)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).make_special(_name(name), "symlink"))
+        return await self._entry(await self._node(parent_inode).symlink(_name(name), os.fsdecode(target), caller(ctx)))
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(new_parent_inode).make_special(_name(new_name), "hard link"))
+        return await self._entry(await self._node(new_parent_inode).link(_name(new_name), self._node(inode)))
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._entry(await self._node(parent_inode).make_special(_name(name), "device node"))
+        return await self._entry(await self._node(parent_inode).mknod(_name(name), mode, caller(ctx)))
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

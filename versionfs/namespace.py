@@ -16,14 +16,15 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterable
 from urllib.parse import quote, unquote
 
-from . import selectors
 import outcome
 import trio
 
-from .backends.base import NAME_MAX, Backend, Dir, Entry, File, History, Revision, VersionInfo, find, join, to_ns
+from . import selectors
+from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, Entry, File, FileMeta, History, Revision, VersionInfo,
+                            find, join, to_ns)
 from .cache import BlockReader, Lru, ReadAheadBudget
 from .errors import FsError, enoent
 from .logs import once
@@ -62,6 +63,14 @@ class Request:
 
 # Set by fs.py for the task that answers a request.
 REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("versionfs_request", default=None)
+# The mode bits a file or directory of a version shows where the version kept
+# none (staging shows the same, so copying latest/ back into it changes nothing):
+# versions are read-only all the same (EROFS).
+FILE_MODE, DIR_MODE = 0o644, 0o755
+# How long a lookup or stat waits for a file's metadata (S3: a HEAD) before it
+# answers with defaults the kernel does not keep (the request goes on and fills
+# the cache): a store that does not answer never holds up lookups for long.
+META_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,53 @@ class Attr:
     is_dir: bool
     size: int
     mtime_ns: int
-    mode: int  # permission bits
+    mode: int  # permission bits (with setuid, setgid, sticky)
     nlink: int = 1
-    is_link: bool = False  # a symbolic link (``history/…/@-1``)
+    is_link: bool = False  # a symbolic link (``history/…/@-1``, a stored link)
     exact: bool = True  # False: a listing's placeholder (size not computed); never cached by the kernel
+    uid: int | None = None  # None: the mounting user
+    gid: int | None = None
+    atime_ns: int | None = None  # None: the mtime
+    ctime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks (the FUSE request context)."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+    pid: int = 0
+
+    def groups(self) -> frozenset[int]:
+        """The caller's groups: its gid and supplementary groups (from /proc)."""
+        found = {self.gid}
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        found.update(int(g) for g in line.split()[1:])
+                        break
+        except (OSError, ValueError):
+            pass
+        return frozenset(found)
+
+
+ROOT = Caller(0, 0, 0)
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """A setattr request: each field None means "leave as it is"."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
 
 
 class Node:
@@ -83,6 +135,9 @@ class Node:
     is_dir = False
     ttl = IMMUTABLE_TTL  # how long the kernel may cache this node's name and attributes
     keep_cache = True  # its content never changes
+    # True: the key keeps its inode number after the kernel forgets it (staging,
+    # whose entries a test may stat before and after; version trees need not).
+    keeps_inode = False
 
     async def attr(self) -> Attr:
         raise NotImplementedError
@@ -107,10 +162,10 @@ class Node:
         raise FsError(errno.EINVAL)
 
     # Changes: read-only unless a subclass says otherwise.
-    async def create(self, name: str, mode: int) -> tuple["Node", "Handle"]:
+    async def create(self, name: str, mode: int, caller: Caller) -> tuple["Node", "Handle"]:
         raise FsError(errno.EROFS)
 
-    async def mkdir(self, name: str, mode: int) -> "Node":
+    async def mkdir(self, name: str, mode: int, caller: Caller) -> "Node":
         raise FsError(errno.EROFS)
 
     async def unlink(self, name: str) -> None:
@@ -122,11 +177,18 @@ class Node:
     async def rename(self, name: str, new_parent: "Node", new_name: str, flags: int) -> None:
         raise FsError(errno.EROFS)
 
-    async def setattr(self, size: int | None, mtime_ns: int | None, mode: int | None) -> None:
+    async def setattr(self, changes: SetAttr, caller: Caller) -> None:
         raise FsError(errno.EROFS)
 
-    async def make_special(self, name: str, kind: str) -> "Node":
-        """Symlinks, hard links and device nodes."""
+    async def symlink(self, name: str, target: str, caller: Caller) -> "Node":
+        raise FsError(errno.EROFS)
+
+    async def mknod(self, name: str, mode: int, caller: Caller) -> "Node":
+        """A regular file (mode S_IFREG or no type); fifos, sockets and devices."""
+        raise FsError(errno.EROFS)
+
+    async def link(self, name: str, target: "Node") -> "Node":
+        """A hard link to ``target`` named ``name`` in this directory."""
         raise FsError(errno.EROFS)
 
     async def setxattr(self, name: str, value: bytes | None) -> None:
@@ -174,18 +236,27 @@ class TreeFile(_ReadOnlyFile):
     that every view of the same version (latest/, versions/v/, @sel/) shares one
     inode and page cache."""
 
-    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL):
+    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True):
         self.ns, self.entry, self.key, self.ttl = ns, entry, key, ttl
+        self.own_mtime = own_mtime  # False: the entry's mtime says it all (history/ shows the revision's time)
 
     async def attr(self) -> Attr:
-        return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, 0o444)
+        meta = await self.ns.file_meta_soon(self.entry)
+        if meta is None:
+            return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, FILE_MODE, exact=False)
+        mode = meta.mode if meta.mode is not None else FILE_MODE  # as committed
+        mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
+        return Attr(False, await self.ns.file_size(self.entry), mtime, mode)
 
     async def listing_attr(self) -> Attr:
-        # A size not known yet (an .h5 image, a text file) costs a build or a read:
-        # a listing does not pay it; the kernel asks again, for exact attributes,
-        # when something stats or reads the file.
-        if self.entry.size is None and self.entry.content is None:
-            return Attr(False, 0, self.entry.mtime_ns, 0o444, exact=False)
+        # A size not known yet (an .h5 image, a text file) costs a build or a read,
+        # metadata not known yet (S3) a request: a listing pays neither; the kernel
+        # asks again, for exact attributes, when something stats or reads the file.
+        entry = self.entry
+        if entry.meta is None:  # a regular file all the same: a link's metadata is fetched with the listing
+            return Attr(False, entry.size or 0, entry.mtime_ns, FILE_MODE, exact=False)
+        if entry.size is None and entry.content is None:
+            return Attr(False, 0, entry.mtime_ns, FILE_MODE, exact=False)
         return await self.attr()
 
     async def _open(self) -> Handle:
@@ -196,6 +267,22 @@ class TreeFile(_ReadOnlyFile):
         if self.entry.ref is None:
             return {}
         return await self.ns.worker.run(self.ns.backend.xattrs, self.entry.ref)
+
+
+class TreeLink(Node):
+    """A symbolic link stored in a version (its content is the target)."""
+
+    def __init__(self, ns: "Namespace", key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True):
+        self.ns, self.entry, self.key, self.ttl = ns, entry, key, ttl
+        self.own_mtime = own_mtime
+
+    async def attr(self) -> Attr:
+        meta = await self.ns.file_meta(self.entry)
+        mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
+        return Attr(False, len(os.fsencode(await self.readlink())), mtime, 0o777, is_link=True)
+
+    async def readlink(self) -> str:
+        return await self.ns.link_target(self.entry)
 
 
 class BlockReaderHandle(Handle):
@@ -224,13 +311,13 @@ class TreeDir(Node):
         self.ttl = ttl
 
     async def attr(self) -> Attr:
-        return Attr(True, 0, self.entry.mtime_ns, 0o555, nlink=1)
+        return Attr(True, 0, self.entry.mtime_ns, DIR_MODE, nlink=1)
 
     def _child(self, name: str, entry: Dir | File) -> Node:
         path = join(self.path, name)
         if isinstance(entry, Dir):
             return TreeDir(self.ns, self.view, self.version, path, entry)
-        return TreeFile(self.ns, ("file", self.version, path), entry)
+        return self.ns.file_node(("file", self.version, path), entry)
 
     async def _entries(self) -> dict[str, Dir | File]:
         return await self.ns.listdir(self.version, self.path, self.entry.ref)
@@ -239,10 +326,14 @@ class TreeDir(Node):
         entry = (await self._entries()).get(name)
         if entry is None:
             raise enoent()
+        if isinstance(entry, File) and entry.may_be_link:
+            await self.ns.file_meta_soon(entry)  # a link or a file: known before the kernel gets an inode
         return self._child(name, entry)
 
     async def children(self) -> list[tuple[str, Node]]:
-        return [(n, self._child(n, e)) for n, e in (await self._entries()).items()]
+        entries = await self._entries()
+        await self.ns.link_metas(entries.values())
+        return [(n, self._child(n, e)) for n, e in entries.items()]
 
 
 class VersionsDir(Node):
@@ -358,7 +449,9 @@ class HistoryDir(Node):
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
         if entry is not None:
-            return TreeFile(self.ns, ("history-file", self.path, name), entry[1])
+            if entry[1].may_be_link:
+                await self.ns.file_meta_soon(entry[1])
+            return self.ns.file_node(("history-file", self.path, name), entry[1], own_mtime=False)
         if name in listing.history.children:
             return HistoryDir(self.ns, join(self.path, name))
         selector = selectors.parse(name[1:]) if name.startswith("@") else None
@@ -372,8 +465,9 @@ class HistoryDir(Node):
 
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
+        await self.ns.link_metas(entry for _, entry in listing.entries.values())
         out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, join(self.path, n))) for n in listing.history.children]
-        out += [(n, TreeFile(self.ns, ("history-file", self.path, n), entry))
+        out += [(n, self.ns.file_node(("history-file", self.path, n), entry, own_mtime=False))
                 for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
         return out
 
@@ -549,6 +643,46 @@ class Namespace:
         if entries is None:
             entries = self._listings.put(key, await self.run(("listdir", key), self.backend.listdir, version, path, ref))
         return entries
+    def file_node(self, key: Hashable, entry: File, ttl: float = IMMUTABLE_TTL, own_mtime: bool = True) -> Node:
+        """The node of a file of a version: a link where its metadata says so
+        (metadata not known yet: a file node, whose listing gives no inode)."""
+        if entry.meta is not None and entry.meta.link:
+            return TreeLink(self, key, entry, ttl, own_mtime)
+        return TreeFile(self, key, entry, ttl, own_mtime)
+
+    async def file_meta(self, entry: File) -> FileMeta:
+        if entry.meta is None:
+            entry.meta = await self.worker.run(self.backend.file_meta, entry.ref)
+        return entry.meta
+
+    async def link_metas(self, entries: Iterable[Dir | File]) -> None:
+        """Before a listing gives inodes: the metadata of the files that may be
+        links (not known yet: small S3 objects), in one batch of requests. A
+        link must be a link from its first inode on: the kernel keeps the type."""
+        wanted = [e for e in entries if isinstance(e, File) and e.meta is None and e.may_be_link]
+        if wanted:
+            metas = await self.worker.run(self.backend.file_metas, [e.ref for e in wanted])
+            for entry, meta in zip(wanted, metas):
+                entry.meta = meta
+
+    async def file_meta_soon(self, entry: File) -> FileMeta | None:
+        """``file_meta``, or None if the store takes longer than META_WAIT (the
+        request still completes and fills the backend's cache)."""
+        if entry.meta is not None:
+            return entry.meta
+        with trio.move_on_after(META_WAIT):
+            entry.meta = await self.worker.run_or_leave(self.backend.file_meta, entry.ref)
+            return entry.meta
+        log.warning("the store is slow to give a file's metadata: its mode and mtime are shown as defaults for now",
+                    extra=once("slow-meta"))
+        return None
+
+    async def link_target(self, entry: File) -> str:
+        handle = await self.open_file(entry)
+        try:
+            return os.fsdecode(bytes(await handle.read(0, LINK_MAX + 1)))
+        finally:
+            await handle.release()
 
     async def file_size(self, entry: File) -> int:
         if entry.size is None:

@@ -30,11 +30,11 @@ from ..errors import CommitRefused, FileBusy, SourceError
 from ..logs import once
 from . import hdf5_chunks, hdf5_image, hdf5_raw, hdf5_write, npy
 from ..selectors import format_utc
-from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
-                          RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef,
-                          VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
-from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, History, Progress, Revision, VersionInfo,
-                   canonical_json, compare_by_reading, join, safe_name, version_json)
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR, MODE_ATTR,
+                          MTIME_ATTR, RAW_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef,
+                          TextRef, VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
+from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+                   VersionInfo, canonical_json, compare_by_reading, join, safe_name, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,13 @@ class HDF5Backend:
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
     signature = None  # a version never changes once its name is listed
+    generated_names = frozenset({VERSION_FILE})  # each version's .version.json
+    edits_in_place = True  # hdf5_write reads only the chunk rows an in-place edit wrote
 
     def __init__(self, path: str, cache: DiskCache | None = None):
         self.path = os.path.abspath(path)
         self.description = self.path
+        self.spool_key = self.path
         self.f = open_file(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)  # images read raw chunks with pread
         self.raw = hdf5_raw.RawReader(self.path, self.f.id)
@@ -155,6 +158,17 @@ class HDF5Backend:
         self._index_lock = threading.Lock()  # only around the Lru: never held while waiting
         self._chunk_reader = hdf5_chunks.ChunkReader(self._fd, ThreadPoolExecutor(
             max(2, os.cpu_count() or 2), thread_name_prefix="versionfs-decode"))
+
+        self.identity = self._identity()
+
+    def _identity(self) -> str:
+        """The versioned file itself, whatever its path or inode: the time its
+        empty first version was made (a new ``versionfs init`` makes another)."""
+        group = self.f[VERSIONS_GROUP]
+        first = group[FIRST_VERSION].attrs.get("timestamp") if FIRST_VERSION in group else None
+        if isinstance(first, bytes):
+            first = first.decode()
+        return f"hdf5:{first or h5py.h5o.get_info(group.id).addr}"
 
     # -- versions ---------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
@@ -346,7 +360,7 @@ class HDF5Backend:
 
     def _describe(self, h5path: str, link: Any, info: Any) -> tuple[str, np.dtype, tuple[int, ...], dict[str, Any]] | str:
         """(kind, dtype, shape, attribute values) of a dataset, or why it has no file form."""
-        wanted = ("chunks", MTIME_ATTR, RAW_ATTR)
+        wanted = ("chunks", MTIME_ATTR, RAW_ATTR, LINK_ATTR, MODE_ATTR)
         if isinstance(info, _Opened):
             ds = info.obj
             dtype, shape = ds.dtype, tuple(ds.shape)
@@ -359,8 +373,8 @@ class HDF5Backend:
                 self.counters["objects opened"] += 1
                 dtype, shape = ds.dtype, tuple(ds.shape)
             values = self._attrs_of(link.u, h5path, wanted)
-        if RAW_ATTR in values and dtype == np.uint8 and len(shape) == 1:
-            return "raw", dtype, shape, values
+        if dtype == np.uint8 and len(shape) == 1 and (LINK_ATTR in values or RAW_ATTR in values):
+            return ("link" if LINK_ATTR in values else "raw"), dtype, shape, values  # a stored symlink, or raw bytes
         kind = file_kind(dtype)
         if kind is None:
             return f"dtype {dtype} has no file form"
@@ -371,17 +385,19 @@ class HDF5Backend:
         # A file committed through staging keeps its own mtime (so rsync's quick
         # check works across snapshots); any other shows its version's time.
         mtime = int(values.get(MTIME_ATTR, mtime))
+        mode = values.get(MODE_ATTR)
+        meta = FileMeta(mode=int(mode) if mode is not None else None, link=kind == "link")
         if kind == "text":
-            return File(size=None, mtime_ns=mtime, ref=TextRef(h5path))
-        if kind == "raw":
-            return File(size=int(shape[0]), mtime_ns=mtime, ref=RawRef(h5path))
+            return File(size=None, mtime_ns=mtime, ref=TextRef(h5path), meta=meta)
+        if kind in ("raw", "link"):
+            return File(size=int(shape[0]), mtime_ns=mtime, ref=RawRef(h5path), meta=meta)
         ref = NpyRef(h5path, dtype, shape, _npy_header(dtype, shape))
         chunks = values.get("chunks")
         unit = 1 << 20
         if chunks is not None and len(shape) > 0:
             row = int(np.asarray(chunks).ravel()[0]) * math.prod(shape[1:]) * dtype.itemsize
             unit = row or unit
-        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit))
+        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit), meta=meta)
 
     @staticmethod
     def _generated(content: bytes, mtime: int) -> File:
@@ -562,6 +578,12 @@ class HDF5Backend:
             "hdf5-image", hdf5_image.Image.MAGIC, hdf5_image.BUILDER, __version__, h5py.version.version,
             h5py.version.hdf5_version, self.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
             version, address)))
+
+    def file_meta(self, ref: Any) -> FileMeta:
+        return FileMeta()  # every tree entry has its metadata already
+
+    def file_metas(self, refs: list[Any]) -> list[FileMeta]:
+        return [FileMeta() for _ in refs]
 
     def file_size(self, ref: Any) -> int:
         with self._lock:

@@ -21,13 +21,19 @@ TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FM
 RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
 MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
 MTIME_ATTR = "_versionfs_mtime_ns"  # the mtime a file had when it was committed
+MODE_ATTR = "_versionfs_mode"  # the permission bits a file had when it was committed
+# A uint8 dataset holding a symbolic link's target (a staged symlink); the .h5
+# image leaves it out (a plain HDF5 file has no place for a file-system link).
+LINK_ATTR = "_versionfs_symlink"
+# versionfs's own marks on a dataset, kept when a dataset is copied (a rename).
+FILE_MARKS = frozenset({RAW_ATTR, MTIME_ATTR, MODE_ATTR, LINK_ATTR})
 # Attributes the format (or versionfs) uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR})
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", MESSAGE_ATTR}) | FILE_MARKS
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 # The file name a dataset of each kind gets: <name><extension>.
-EXTENSIONS = {"npy": ".npy", "text": ".txt", "raw": ""}
+EXTENSIONS = {"npy": ".npy", "text": ".txt", "raw": "", "link": ""}
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..logs import once
 from . import hdf5_raw
+from .hdf5_format import LINK_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ class _Builder:
                 info = self.raw.object_info(address)
             except hdf5_raw.ERRORS:
                 info = None
+            if info is not None and info.attrs is not None and LINK_ATTR in info.attrs:
+                continue  # a stored symlink: a plain HDF5 file has no such thing (README)
             if info is not None and info.kind == "dataset" and self._copy_planned(path, info, dst, name):
                 continue
             try:
@@ -299,6 +302,8 @@ class _Builder:
                 child = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
                 self._copy_group(obj, child)
             elif isinstance(obj, h5py.Dataset):
+                if LINK_ATTR in obj.attrs:
+                    continue  # a stored symlink: a plain HDF5 file has no such thing (README)
                 self._copy_or_skip(obj, dst, name)
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")

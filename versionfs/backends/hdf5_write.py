@@ -33,8 +33,9 @@ from ..errors import CommitError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
-from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
-                          VERSION_FILE, json_to_attr, ref_h5path, ref_kind, ref_name, strip_ext)
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FILE_MARKS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR,
+                          MODE_ATTR, MTIME_ATTR, RAW_ATTR, VERSION_FILE, json_to_attr, ref_h5path, ref_kind, ref_name,
+                          strip_ext)
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,36 @@ class _Writer:
             elif leaf == ATTRS_FILE:
                 attrs_files.append((change, self.content(change)))
             else:
-                name = self.put_file(change)
-                if change.local is not None and name in self.g:
-                    self.g[name].attrs[MTIME_ATTR] = np.int64(os.stat(change.local).st_mtime_ns)
+                name = self.put_link(change) if change.kind == "link" else self.put_file(change)
+                if name in self.g:
+                    self.keep_metadata(self.g[name], change)
         for change, data in attrs_files:
             self.set_attrs(change.path, data)
+
+    def keep_metadata(self, ds: Any, change: Change) -> None:
+        """What a version keeps of a staged file besides its bytes (README)."""
+        mtime = change.mtime_ns
+        if mtime is None and change.local is not None:
+            mtime = os.stat(change.local).st_mtime_ns
+        if mtime is not None:
+            ds.attrs[MTIME_ATTR] = np.int64(mtime)
+        if change.mode is not None and change.kind != "link":
+            ds.attrs[MODE_ATTR] = np.int64(change.mode)
+
+    def put_link(self, change: Change) -> str:
+        """A symbolic link: a uint8 dataset of its target, marked with LINK_ATTR."""
+        h5path, entry = self.target(change.path)
+        parent_h5 = posixpath.dirname(h5path)
+        if isinstance(entry, File) and entry.ref is not None:
+            if h5path in self.g:
+                del self.g[h5path]  # what was there (e.g. x for x.npy); the link has the whole name
+            h5path = posixpath.join(parent_h5, posixpath.basename(change.path))
+        if parent_h5:
+            self.g.require_group(parent_h5)
+        target = np.frombuffer(os.fsencode(change.target or ""), dtype=np.uint8)
+        self._create(h5path, target, guess_chunk(target.shape, None, 1), None)
+        self.g[h5path].attrs[LINK_ATTR] = True
+        return h5path
 
     def content(self, change: Change) -> bytes:
         if change.local is not None:
@@ -176,7 +202,7 @@ class _Writer:
         src = self.prev_group[source.split(f"/versions/{self.prev}/", 1)[1]]
         self._create(dest, src[()], _chunks_of(src), src.fillvalue)
         for key, value in src.attrs.items():
-            if key not in INTERNAL_ATTRS:
+            if key not in INTERNAL_ATTRS or key in FILE_MARKS:
                 self.g[dest].attrs[key] = value
 
     def put_array(self, name: str, array: np.ndarray, shown: str, exists: bool,
@@ -354,7 +380,7 @@ def _chunks_of(ds: h5py.Dataset) -> tuple[int, ...] | None:
 def _order(change: Change) -> tuple[int, int, str]:
     # Deletions first (deepest first), then new directories (shallowest first), then files.
     depth = change.path.count("/")
-    rank = {"delete": 0, "dir": 1, "file": 2}[change.kind]
+    rank = {"delete": 0, "dir": 1, "file": 2, "link": 2}[change.kind]
     return rank, -depth if rank == 0 else depth, change.path
 
 

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import stat as stat_mod
 import threading
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -31,7 +32,8 @@ from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
 from . import s3_data
-from .base import NAME_MAX, Change, Dir, Execution, File, FileDelta, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
+from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+                   VersionInfo, find, join, safe_name, to_ns)
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -40,12 +42,16 @@ PARALLEL_GETS = 8
 MAX_ATTEMPTS = 10
 READAHEAD = RANGE_PART * PARALLEL_GETS  # an open file's largest read-ahead window: 8 GETs at once
 METADATA_READ_TIMEOUT = 20.0  # seconds without a byte, for listings, HEADs and commits (retried by botocore)
-XATTR_CACHE_SIZE = 4096  # object versions whose user metadata is kept (it never changes)
+XATTR_CACHE_SIZE = 1 << 16  # object versions whose user metadata is kept (it never changes; a few hundred bytes each; stat needs it: mode, links)
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
 MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
 DIR_CACHE_VERSIONS = 200_000  # object versions kept in directory listings (about 400 bytes each)
+# A file's metadata as s3fs-fuse keeps it (x-amz-meta-mode: st_mode in decimal,
+# S_IFLNK for a symlink whose body is its target; -mtime: "sec[.nnnnnnnnn]";
+# -uid, -gid): s3fs, and versionfs, read each other's files the same way.
+MODE_META, MTIME_META, UID_META, GID_META = "mode", "mtime", "uid", "gid"
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ class S3Backend:
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
+    generated_names: frozenset[str] = frozenset()  # every key is an ordinary file (.version.json too)
+    edits_in_place = False  # an upload sends the whole file
 
     def __init__(self, url: str, endpoint_url: str | None = None, cache: DiskCache | None = None,
                  store_timeout: float = 30.0):
@@ -126,6 +134,9 @@ class S3Backend:
 
         self.bucket, self.prefix = parse_url(url)
         self.description = f"s3://{self.bucket}/{self.prefix}"
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
+        self.identity = f"s3:{endpoint}:{self.bucket}/{self.prefix}"
+        self.spool_key = self.identity  # two endpoints may have buckets of the same name
         # The first request answers "can this be mounted at all?": a wrong endpoint,
         # one that drops packets or a missing bucket is said in seconds, not after
         # ten retries (two short attempts, before any other client is made).
@@ -143,7 +154,7 @@ class S3Backend:
         self._data = s3_data.Requests(endpoint_url, store_timeout, self.description)
         self._pool = ThreadPoolExecutor(PARALLEL_GETS, thread_name_prefix="versionfs-s3")  # commits' parts
         self._get_pool = ThreadPoolExecutor(s3_data.MAX_GETS, thread_name_prefix="versionfs-s3-get")
-        self._xattrs: Lru[dict[str, bytes]] = Lru(XATTR_CACHE_SIZE)
+        self._xattrs: Lru[dict[str, str]] = Lru(XATTR_CACHE_SIZE)  # object version -> its user metadata
         self._xattrs_lock = threading.Lock()
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
@@ -415,18 +426,28 @@ class S3Backend:
         if self.cache is not None:
             self._cache_writer.submit(self.cache.put, self._identity(ref), index, bytes(into))
 
-    def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
-        """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs;
-        one HEAD per object version (its metadata never changes)."""
+    def _metadata(self, ref: S3Ref) -> dict[str, str]:
+        """An object version's user metadata (x-amz-meta-*): one HEAD per object
+        version, kept (its metadata never changes)."""
         key = (ref.key, ref.version_id, ref.etag)
         with self._xattrs_lock:
             found = self._xattrs.get(key)
         if found is None:
-            head = self._data.head(self.bucket, ref.key, ref.version_id)
-            found = {f"user.{k}": v.encode() for k, v in head.get("Metadata", {}).items()}
+            found = self._data.head(self.bucket, ref.key, ref.version_id).get("Metadata", {})
             with self._xattrs_lock:
                 self._xattrs.put(key, found)
         return found
+
+    def file_meta(self, ref: S3Ref) -> FileMeta:
+        """Mode, link-ness and mtime, from the metadata s3fs's names give."""
+        return parse_s3fs_meta(self._metadata(ref))
+
+    def file_metas(self, refs: list[S3Ref]) -> list[FileMeta]:
+        return list(self._get_pool.map(self.file_meta, refs))
+
+    def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
+        """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
+        return {f"user.{k}": v.encode() for k, v in self._metadata(ref).items()}
 
     # -- equality ---------------------------------------------------------------------
     def same_content(self, entry: File, local: str, written: Any = None) -> bool:
@@ -490,8 +511,10 @@ class S3Backend:
                     continue
                 key = base.ref.key if isinstance(base, File) else self.prefix + change.path
                 base_ref = base.ref if isinstance(base, File) else None
-                if change.local is not None:
-                    self._upload(key, change.local, base_ref, metadata)
+                if change.kind == "link":
+                    self._put_link(key, change, base_ref, {**metadata, **s3fs_meta(change)})
+                elif change.local is not None:
+                    self._upload(key, change.local, base_ref, {**metadata, **s3fs_meta(change)})
                 else:
                     source = find(parent_tree, change.base_path or "")
                     assert isinstance(source, File)
@@ -532,6 +555,16 @@ class S3Backend:
                                            **self._condition(base))
             else:
                 self._multipart(key, local, size, meta, base)
+        except Exception as e:
+            self._conflict(e, key)
+            raise
+
+    def _put_link(self, key: str, change: Change, base: S3Ref | None, metadata: dict[str, str]) -> None:
+        """A symbolic link as s3fs stores one: the body is the target."""
+        body = os.fsencode(change.target or "")
+        meta = {**metadata, SHA_META: hashlib.sha256(body).hexdigest()}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta, **self._condition(base))
         except Exception as e:
             self._conflict(e, key)
             raise
@@ -737,7 +770,44 @@ def _file(version: ObjectVersion) -> File:
         ref=S3Ref(version.key, version.version_id, version.etag, version.size),
         layout=(0, RANGE_PART),
         readahead=READAHEAD,
+        meta=None,  # in the object's metadata: asked for when needed (file_meta)
     )
+
+
+def s3fs_meta(change: Change) -> dict[str, str]:
+    """The metadata of a staged file or link in s3fs's names."""
+    out: dict[str, str] = {}
+    kind = stat_mod.S_IFLNK if change.kind == "link" else stat_mod.S_IFREG
+    mode = 0o777 if change.kind == "link" else change.mode
+    if mode is not None:
+        out[MODE_META] = str(kind | mode)
+    if change.mtime_ns is not None:
+        seconds, nanos = divmod(change.mtime_ns, 10**9)
+        out[MTIME_META] = f"{seconds}.{nanos:09d}" if nanos else str(seconds)
+    if change.uid is not None:
+        out[UID_META] = str(change.uid)
+    if change.gid is not None:
+        out[GID_META] = str(change.gid)
+    return out
+
+
+def parse_s3fs_meta(metadata: dict[str, str]) -> FileMeta:
+    """What s3fs's metadata names say (anything unreadable counts as not given)."""
+    mode = link = None
+    try:
+        text = metadata[MODE_META].strip()
+        full = int(text, 8) if text.startswith("0") and text.isdigit() else int(text, 0)
+        link = stat_mod.S_ISLNK(full)
+        mode = stat_mod.S_IMODE(full)
+    except (KeyError, ValueError):
+        pass
+    mtime = None
+    try:
+        seconds, _, nanos = metadata[MTIME_META].partition(".")
+        mtime = int(seconds) * 10**9 + (int(nanos) if nanos else 0)
+    except (KeyError, ValueError):
+        pass
+    return FileMeta(mode=None if link else mode, link=bool(link), mtime_ns=mtime)
 
 
 def _files_below(directory: Dir) -> list[File]:
