@@ -244,9 +244,12 @@ class TreeFile(_ReadOnlyFile):
         meta = await self.ns.file_meta_soon(self.entry)
         if meta is None:
             return Attr(False, await self.ns.file_size(self.entry), self.entry.mtime_ns, FILE_MODE, exact=False)
+        return Attr(False, await self.ns.file_size(self.entry), *self._mtime_mode(meta))
+
+    def _mtime_mode(self, meta: FileMeta) -> tuple[int, int]:
         mode = meta.mode if meta.mode is not None else FILE_MODE  # as committed
         mtime = meta.mtime_ns if meta.mtime_ns is not None and self.own_mtime else self.entry.mtime_ns
-        return Attr(False, await self.ns.file_size(self.entry), mtime, mode)
+        return mtime, mode
 
     async def listing_attr(self) -> Attr:
         # A size not known yet (an .h5 image, a text file) costs a build or a read,
@@ -255,8 +258,8 @@ class TreeFile(_ReadOnlyFile):
         entry = self.entry
         if entry.meta is None:  # a regular file all the same: a link's metadata is fetched with the listing
             return Attr(False, entry.size or 0, entry.mtime_ns, FILE_MODE, exact=False)
-        if entry.size is None and entry.content is None:
-            return Attr(False, 0, entry.mtime_ns, FILE_MODE, exact=False)
+        if entry.size is None and entry.content is None:  # only the size stands in: the rest is known
+            return Attr(False, 0, *self._mtime_mode(entry.meta), exact=False)
         return await self.attr()
 
     async def _open(self) -> Handle:
