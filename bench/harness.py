@@ -31,7 +31,7 @@ RCLONE_REMOTE = "vfsbench"  # configured by RCLONE_CONFIG_VFSBENCH_* variables o
 MOUNT_TIMEOUT = 30.0  # seconds for rclone / s3fs to show their mount
 
 
-UNIT_RATIO = {"MiB/s": "speed", "ms": "time", "MiB": "size"}  # what a row's ratio compares
+UNIT_RATIO = {"MiB/s": "speed", "ms": "time", "MiB": "size", "bytes": "size", "requests": "count"}  # what a row's ratio compares
 
 
 @dataclass

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import README, Context, Result, fmt_table, write_readme  # noqa: E402
 
-GROUPS = ["read", "compressed", "parallel", "commit", "commit_files", "s3", "commit_s3", "outage", "image", "history"]
+GROUPS = ["read", "compressed", "parallel", "commit", "commit_files", "s3", "commit_s3", "outage", "image", "history",
+          "scale", "staging"]
 
 
 def main() -> int:

@@ -153,7 +153,6 @@ def test_a_full_disk_leaves_the_mount_as_it_was(small_disk, tmp_path, mount, sho
     each time (so the disk fills while data is appended, while metadata is, while
     the journal is written): each fails with one line, the mount and the file stay
     as they were, staging is kept; the first commit with room succeeds, no remount."""
-    from versionfs.backends import hdf5_write
     from versionfs.backends.base import Change
     from versionfs.backends.hdf5 import HDF5Backend
 

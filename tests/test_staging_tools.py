@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import stat
 import subprocess
 
 import numpy as np
@@ -125,8 +127,9 @@ def test_refusals(pair):
     m, staging, ref = pair
     cases = {
         "hard link": (lambda: os.link(staging / "x.npy", staging / "hard"), errno.EPERM),
-        "symlink": (lambda: os.symlink("x.npy", staging / "sym"), errno.EPERM),
         "fifo": (lambda: os.mkfifo(staging / "fifo"), errno.EPERM),
+        "device": (lambda: os.mknod(staging / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3)), errno.EPERM),
+        "socket": (lambda: socket.socket(socket.AF_UNIX).bind(str(staging / "sock")), errno.EPERM),
         "long name": (lambda: open(staging / ("n" * 256), "w"), errno.ENAMETOOLONG),
         "rmdir not empty": (lambda: os.rmdir(staging / "sub"), errno.ENOTEMPTY),
         "unlink dir": (lambda: os.unlink(staging / "sub"), errno.EISDIR),
@@ -140,6 +143,9 @@ def test_refusals(pair):
     assert os.statvfs(staging).f_namemax == 255
     assert os.statvfs(staging).f_bavail > 0  # the spool's disk
     (staging / ("n" * 255)).write_text("ok")  # 255 bytes is fine
+    os.mknod(staging / "plain", 0o640 | stat.S_IFREG)  # mknod of a regular file is a create
+    assert stat.S_ISREG(os.stat(staging / "plain").st_mode) and os.stat(staging / "plain").st_mode & 0o777 == 0o640
+    os.unlink(staging / "plain")
     (staging / ".version.json").write_text("{}")  # allowed, never committed
     assert run_versionfs("status", str(m.path)).stdout.split("\n")[:-1] == ["A " + "n" * 255]
 

@@ -20,7 +20,6 @@ from .mounts import versionfs_mount_of
 from .errors import SourceError, UserError
 from .namespace import history_listing
 from .selectors import VersionIndex, choose, format_utc, parse_time
-from .staging import RESERVED_ROOT_NAMES
 
 
 # -- where a command points --------------------------------------------------------------
@@ -253,8 +252,8 @@ def _compare(backend: Backend, path: str, a: Dir | File | None, b: Dir | File | 
         if not da.children and not db.children and path and (a is None or b is None):
             yield Difference("A" if a is None else "D", path + "/")  # an empty directory
         for name in sorted(da.children.keys() | db.children.keys()):
-            if not path and name in RESERVED_ROOT_NAMES:
-                continue  # .version.json: names the version, so it always differs
+            if not path and name in backend.generated_names:
+                continue  # HDF5's .version.json: names the version, so it always differs
             yield from _compare(backend, join(path, name), da.children.get(name), db.children.get(name))
     elif a is None or b is None:
         if a is not None or b is not None:

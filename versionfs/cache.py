@@ -73,6 +73,15 @@ class Lru(Generic[V]):
         self._items.clear()
         self._total = 0
 
+    def discard(self, key: Hashable) -> None:
+        if key in self._items:
+            self._total -= self.weight(self._items.pop(key))
+
+    @property
+    def total(self) -> int:
+        """The weights of what is kept, added up."""
+        return self._total
+
 
 class ReadAheadBudget:
     """The bytes all open files may hold in blocks read ahead (on the trio loop:

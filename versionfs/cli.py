@@ -433,7 +433,8 @@ def _compact(args: argparse.Namespace) -> int:
     removals = compact(args.source, args.dry_run, args.endpoint_url)
     if args.json:
         _print_json([asdict(r) for r in removals])
-    for r in [] if args.json else removals:
+        return 0
+    for r in removals:
         print(f"{'removed' if r.removed else 'would remove'} {r.key} version {r.version_id} ({r.modified}): "
               f"same as {r.same_as}")
     return 0

@@ -142,7 +142,7 @@ def request(mountpoint: str, op: str, on_progress: Callable[..., None] | None = 
     try:
         path = os.fsdecode(os.getxattr(mountpoint, XATTR_CONTROL))
     except OSError:
-        raise ControlError(f"{mountpoint}: not a versionfs mount with staging") from None
+        raise ControlError(f"{mountpoint}: not a versionfs mount") from None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)

@@ -7,6 +7,7 @@ usable (or why it is not), so ``versionfs mount`` returns only once it can be us
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -28,12 +29,13 @@ from .backends.base import Backend
 from .cache import ReadAheadBudget
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
-from .errors import UserError
+from .errors import ControlError, UserError
 from .fs import VersionFS
 from .mounts import FSTYPE, mount_fstype
 from .namespace import Namespace
 from .options import OPTIONS, MountOptions
 from .selectors import choose
+from .spool import SpoolLock
 from .staging import Overlay
 from .worker import Worker
 
@@ -107,14 +109,26 @@ def fuse_refusal(mountpoint: str, said: str, failure: str) -> str:
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     reason = lines[-1].removeprefix("fuse: ") if lines else failure
     return f"{mountpoint}: cannot mount: {reason}"
+def give_back_big_buffers() -> None:
+    """Buffers over 1 MiB straight from mmap, so that a freed one (a build's
+    temporaries, a read window) goes back to the system: glibc otherwise raises
+    that threshold as big buffers are freed and keeps them in the heap, and the
+    daemon's memory would grow with what it once built, not with what it keeps."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` is called once
     the mount answers; ``ready(message)`` if it never will. Blocks."""
+    give_back_big_buffers()
     worker = Worker()
     backend: Backend | None = None
     mounted = False
+    lock: SpoolLock | None = None
+    overlay: Overlay | None = None
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
@@ -134,11 +148,14 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             namespace.root.info[XATTR_ENDPOINT] = opts.endpoint_url.encode()
         committer = None
         if not opts.read_only:
-            overlay = Overlay(namespace, staging_dir(opts.state_dir, backend.description))
+            directory = spool_dir(opts.state_dir, backend)
+            lock = SpoolLock(directory, mountpoint)  # one writable mount per source and state directory
+            overlay = Overlay(namespace, directory)
             finish_interrupted(overlay, set(namespace.by_name))
+            overlay.check_source(backend.identity, backend.description)
             namespace.overlay = overlay
             committer = Committer(namespace, overlay)
-            namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
+        namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
         fuse_mount(fs, mountpoint, fuse_options(opts))
         mounted = True
         os.chdir("/")  # never keep a directory busy
@@ -154,6 +171,10 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         if mounted:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", opts.mountpoint)
+        if overlay is not None:
+            overlay.store.close()
+        if lock is not None:
+            lock.release()
         if backend is not None:
             worker.call(backend.close)
         worker.close()
@@ -182,23 +203,28 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
         info = choose(selector, namespace.index, namespace.by_name)
         latest = namespace.current_info()
         return None if info is None else {"name": info.name, "latest": latest is not None and info.name == latest.name}
+    async def stats() -> dict:
+        """What was built and what is kept (tests assert that listings build nothing)."""
+        return {"built": dict(namespace.backend.counters), "kept": namespace.kept(), "rss_bytes": _rss_bytes()}
+
+    async def read_only(**_: object) -> None:
+        raise ControlError("this mount is read-only (-o ro): it has no staging/")
 
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
+        handlers = {"health": health, "stats": stats, "select": select}
         if committer is not None:
-            handlers = {
-                "commit": committer.commit,
-                "status": committer.status,
-                "discard": committer.discard,
-                "rollback": committer.rollback,
-                "health": health,
-                "select": select,
-            }
-            await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
+            handlers.update(commit=committer.commit, status=committer.status, discard=committer.discard,
+                            rollback=committer.rollback)
             if opts.autocommit:
                 nursery.start_soon(_autocommit, committer, opts.autocommit)
-        if namespace.backend.poll_interval:
-            nursery.start_soon(_watch_versions, namespace, namespace.backend.poll_interval)
+        else:
+            handlers.update(commit=read_only, status=read_only, discard=read_only, rollback=read_only)
+        await nursery.start(control.serve, control.socket_path(mountpoint), handlers)
+        interval = poll_interval(namespace.backend, opts.poll)
+        if interval:
+            nursery.start_soon(_watch_versions, namespace, interval)
+        nursery.start_soon(fs.watch_callers)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce_ready, mountpoint, ready)
         await pyfuse3.main()
@@ -224,6 +250,21 @@ async def _autocommit(committer: Committer, idle_seconds: float) -> None:
             except UserError as e:
                 log.warning("autocommit: %s", e)
                 failed_state = overlay.last_change  # retried once staging changes again
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def poll_interval(backend: Backend, asked: float | None) -> float | None:
+    """How often to list versions again: --poll where other writers can add
+    versions (the backend says so by having an interval), else never."""
+    if backend.poll_interval is None:
+        if asked:
+            log.info("--poll is ignored: only this mount adds versions to %s", backend.description)
+        return None
+    return backend.poll_interval if asked is None else asked or None
 
 
 POLL_SHARE = 10  # a poll waits at least this many times as long as the last listing took
@@ -307,6 +348,18 @@ def staging_dir(state: str | None, source: str) -> str:
     """Staged data of one source: kept across mounts (and crashes) of that source."""
     name = hashlib.sha256(source.encode()).hexdigest()[:16]
     return os.path.join(state_dir(state), "staging", name)
+
+
+def spool_dir(state: str | None, backend: Backend) -> str:
+    """The spool of a backend's source, by its spool key. A spool made before the
+    key included an S3 endpoint (keyed by the description) is moved to its new
+    place, once."""
+    directory = staging_dir(state, backend.spool_key)
+    old = staging_dir(state, backend.description)
+    if old != directory and os.path.isdir(old) and not os.path.exists(directory):
+        os.rename(old, directory)
+        log.info("staging of %s moved to %s", backend.description, directory)
+    return directory
 
 
 def log_path(mountpoint: str, state: str | None = None) -> str:

@@ -36,6 +36,11 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_never(text: str) -> float:
+    """``5``, ``0.5``, or ``0`` for never."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
 def size(text: str) -> int:
     """``512M``, ``20G``, ``1048576``: a size in bytes (K, M, G, T are powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -86,6 +91,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_size", size, "SIZE", "the cache's bound, e.g. 512M or 20G (default 4G)", DEFAULT_CACHE_BYTES),
     Option("readahead_memory", size, "SIZE", "memory all open files together may hold read ahead, e.g. 256M "
            "(default 512M)", DEFAULT_READAHEAD_BYTES),
+    Option("poll", seconds_or_never, "SECONDS", "S3: look for other writers' versions this often "
+           "(default 5; 0: never)"),
     Option("store_timeout", seconds, "SECONDS", "S3: a read the store has not answered within this long, retries "
            "included, fails with EIO (default 30)", DEFAULT_STORE_TIMEOUT),
 )

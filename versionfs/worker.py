@@ -43,6 +43,13 @@ class Worker:
             return await self._on_serial_thread(fn, *args)
         return await self._on_thread(self._metadata, fn, *args)
 
+    async def run_or_leave(self, fn: Callable[..., T], *args: Any) -> T:
+        """``run``, but a cancelled caller stops waiting: the call still runs to
+        its end on its thread (so ``fn`` must be fine unobserved: a cache fill)."""
+        if self.execution.serial:
+            return await self.run(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._metadata, abandon_on_cancel=True)
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a data read ``fn(*args)`` on the read lane."""
         return await self._on_thread(self._reads, fn, *args)

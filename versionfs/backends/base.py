@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Union
+from types import MappingProxyType
+from typing import Any, Callable, Counter, Mapping, Protocol, Union
 
 from ..selectors import format_utc
 
@@ -21,12 +22,15 @@ from ..selectors import format_utc
 NAME_MAX = 255  # bytes in one file name (Linux)
 
 
-@dataclass(frozen=True)
+NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)  # one per version, kept for the whole mount: small
 class VersionInfo:
     name: str
     timestamp: dt.datetime  # aware, UTC
     previous: str | None
-    attrs: Mapping[str, Any] = field(default_factory=dict)  # JSON-ready
+    attrs: Mapping[str, Any] = field(default_factory=lambda: NO_ATTRS)  # JSON-ready (shared when empty)
     # An empty version the format keeps for itself: listed, never selected.
     placeholder: bool = False
     message: str | None = None  # the commit message (None: none, or the backend does not keep one per version)
@@ -34,6 +38,18 @@ class VersionInfo:
     @property
     def mtime_ns(self) -> int:
         return to_ns(self.timestamp)
+
+
+LINK_MAX = 4095  # bytes in a symbolic link's target (PATH_MAX less the NUL)
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a version kept of a file besides its content (README: what a version keeps)."""
+
+    mode: int | None = None  # permission bits as committed (None: not recorded)
+    link: bool = False  # a symbolic link: the content is its target
+    mtime_ns: int | None = None  # the file's own mtime, where the store keeps it apart (S3)
 
 
 @dataclass
@@ -52,6 +68,16 @@ class File:
     content: bytes | None = None
     layout: tuple[int, int] = (0, 1 << 20)
     readahead: int | None = None  # the largest read-ahead window worth fetching at once
+    # None: not known until the backend is asked (``Backend.file_meta``: S3 keeps
+    # it in each object's metadata, which a listing does not give).
+    meta: FileMeta | None = field(default_factory=FileMeta)
+
+    @property
+    def may_be_link(self) -> bool:
+        """Whether this could be a symbolic link (its metadata not known yet)."""
+        if self.meta is not None:
+            return self.meta.link
+        return self.size is not None and 0 < self.size <= LINK_MAX
 
 
 @dataclass
@@ -133,8 +159,10 @@ class Change:
     """One staged change, in display paths of the version tree ('a/b.npy').
 
     kind ``file``: new content, from the local file ``local`` or, for a rename
-    without edits, from the parent version's file at ``base_path``;
-    ``dir``: a new directory; ``delete``: a file or directory removed.
+    without edits, from the parent version's file at ``base_path``; ``link``: a
+    symbolic link to ``target``; ``dir``: a new directory; ``delete``: a file or
+    directory removed. A file or link carries the metadata a version keeps
+    (``mode``, ``mtime_ns``; ``uid``/``gid`` for stores that keep them).
     """
 
     path: str
@@ -144,6 +172,11 @@ class Change:
     # For a file edited in place: the only byte ranges that can differ from the
     # parent's file at the same path (None: anything may differ).
     written: tuple[tuple[int, int], ...] | None = None
+    target: str | None = None
+    mode: int | None = None
+    mtime_ns: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 class Backend(Protocol):
@@ -153,6 +186,16 @@ class Backend(Protocol):
     execution: Execution  # how its calls may run (see Execution)
     names_versions: bool  # a commit may choose the new version's name
     poll_interval: float | None  # seconds between looks for other writers' versions
+    # Names at a version's root that the backend generates (never stored): staging
+    # does not show the base's, and a staged file of that name is never committed.
+    generated_names: frozenset[str]
+    # A Change with ``written`` is committed reading only the local file's header
+    # and the layout units those ranges touch (so a sparse copy-up need not be filled).
+    edits_in_place: bool
+    # Names the source, so that a spool is never applied to another one (HDF5: the
+    # versioned file itself, not its path; S3: endpoint, bucket and prefix).
+    identity: str
+    spool_key: str  # names the spool (the state directory's staging/<hash of it>)
 
     def versions(self) -> list[VersionInfo]:
         """Every version, oldest first."""
@@ -161,10 +204,24 @@ class Backend(Protocol):
         """The name of the current (latest) version, if any."""
 
     def tree(self, version: str) -> Dir:
-        """The version's root directory, with every entry below it."""
+        """The version's root directory, with every entry below it (for whole-tree
+        users: staging's base, commits, rollbacks; a view loads one directory at a
+        time with ``listdir``)."""
+
+    def listdir(self, version: str, path: str, ref: Any) -> dict[str, "Entry"]:
+        """The entries of one directory of a version (``path`` '' is its root, ``ref``
+        the ``Dir.ref`` its parent's listing gave, None for the root): files as in
+        ``tree``, subdirectories as ``Dir`` whose children are not loaded. Costs
+        about that one directory, whatever the size of the version."""
 
     def file_size(self, ref: Any) -> int:
         """Size of a file whose size the tree left as None."""
+
+    def file_meta(self, ref: Any) -> FileMeta:
+        """The metadata of a file whose tree entry left it as None."""
+
+    def file_metas(self, refs: list[Any]) -> list[FileMeta]:
+        """``file_meta`` of many files (concurrently where the store allows)."""
 
     def read(self, ref: Any, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of a file, short only at its end."""
@@ -180,6 +237,7 @@ class Backend(Protocol):
         if it was a file, one revision per distinct version of it."""
 
     image_ext: str | None  # X<ext> beside each tree X/ is the version as one file (None: no such file)
+    counters: Counter[str]  # what the backend built or read so far (trees, listings, …): the stats request
     # Changes whenever the listing does, also where no version name does (None:
     # version names say it all), so that cached trees and histories are dropped.
     signature: Any

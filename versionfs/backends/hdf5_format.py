@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,22 @@ TIMESTAMP_FMT = "%Y-%m-%d %H:%M:%S.%f%z"  # versioned_hdf5.versions.TIMESTAMP_FM
 RAW_ATTR = "_versionfs_raw"  # a dataset that holds a staged file's raw bytes
 MESSAGE_ATTR = "_versionfs_message"  # a version's commit message
 MTIME_ATTR = "_versionfs_mtime_ns"  # the mtime a file had when it was committed
+MODE_ATTR = "_versionfs_mode"  # the permission bits a file had when it was committed
+# A uint8 dataset holding a symbolic link's target (a staged symlink); the .h5
+# image leaves it out (a plain HDF5 file has no place for a file-system link).
+LINK_ATTR = "_versionfs_symlink"
 NAME_ATTR = "_versionfs_name"  # the name a dataset stored under an internal name stands for (hdf5_write)
+RENAMED_ATTR = "_versionfs_renamed"  # on a group that holds (or held) such a dataset
+# versionfs's own marks on a dataset, kept when a dataset is copied (a rename).
+FILE_MARKS = frozenset({RAW_ATTR, MTIME_ATTR, MODE_ATTR, LINK_ATTR})
 # Attributes the format (or versionfs) uses for itself; never shown as user attributes.
-INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", RAW_ATTR, MESSAGE_ATTR, MTIME_ATTR, NAME_ATTR})
+INTERNAL_ATTRS = frozenset({"chunks", "raw_data", "prev_version", "committed", "timestamp", MESSAGE_ATTR, NAME_ATTR,
+                            RENAMED_ATTR}) | FILE_MARKS
 ATTRS_FILE = ".attrs.json"
 VERSION_FILE = ".version.json"
 RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 # The file name a dataset of each kind gets: <name><extension>.
-EXTENSIONS = {"npy": ".npy", "text": ".txt", "raw": ""}
+EXTENSIONS = {"npy": ".npy", "text": ".txt", "raw": "", "link": ""}
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class NpyRef:
 
     @property
     def size(self) -> int:
-        return len(self.header) + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return len(self.header) + math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,15 @@ class ImageRef:
 
     version: str
     kind = "image"
+
+
+@dataclass(frozen=True)
+class VersionFileRef:
+    """A version's ``.version.json`` where its bytes are made only when read
+    (they name every renamed or hidden object of the whole version)."""
+
+    version: str
+    kind = "version-file"
 
 
 @dataclass(frozen=True)

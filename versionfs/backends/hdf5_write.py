@@ -53,8 +53,9 @@ from ..errors import CommitError
 from ..journal import JournaledFile
 from . import npy
 from .base import Change, Dir, File, Progress, find
-from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, NAME_ATTR,
-                          RAW_ATTR, VERSION_FILE, VERSIONS_GROUP, json_to_attr, ref_h5path, ref_kind, ref_name, strip_ext)
+from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FILE_MARKS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR,
+                          MODE_ATTR, MTIME_ATTR, NAME_ATTR, RAW_ATTR, RENAMED_ATTR, VERSION_FILE, VERSIONS_GROUP, json_to_attr,
+                          ref_h5path, ref_kind, ref_name, strip_ext)
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class _Writer:
         self.g = group
         # versioned-hdf5 copies every object's attributes except the root's.
         for key, value in self.prev_group.attrs.items():
-            if key not in INTERNAL_ATTRS:
+            if key not in INTERNAL_ATTRS or key == RENAMED_ATTR:
                 group.attrs[key] = value
 
     def finish(self, version: str) -> None:
@@ -381,8 +382,36 @@ class _Writer:
             return  # generated; never stored
         elif leaf == ATTRS_FILE:
             attrs_files.append((change, self.content(change)))
+        elif change.kind == "link":
+            self.put_link(change)
         else:
             self.put_file(change)
+
+    @staticmethod
+    def marks(change: Change) -> dict[str, Any]:
+        """What a version keeps of a staged file besides its bytes (README)."""
+        marks: dict[str, Any] = {}
+        mtime = change.mtime_ns
+        if mtime is None and change.local is not None:
+            mtime = os.stat(change.local).st_mtime_ns
+        if mtime is not None:
+            marks[MTIME_ATTR] = np.int64(mtime)
+        if change.mode is not None and change.kind != "link":
+            marks[MODE_ATTR] = np.int64(change.mode)
+        return marks
+
+    def put_link(self, change: Change) -> None:
+        """A symbolic link: a uint8 dataset of its target, marked with LINK_ATTR,
+        with the link's whole name."""
+        h5path, entry = self.target(change.path)
+        parent_h5 = posixpath.dirname(h5path)
+        if isinstance(entry, File) and entry.ref is not None:
+            self.drop(h5path)  # what was there (e.g. x for x.npy)
+            h5path = posixpath.join(parent_h5, posixpath.basename(change.path))
+        self.group(parent_h5)
+        target = np.frombuffer(os.fsencode(change.target or ""), dtype=np.uint8)
+        self.drop(h5path)
+        self.stream(h5path, target, change.path, _raw_chunks(len(target)), {**self.marks(change), LINK_ATTR: True})
 
     def content(self, change: Change) -> bytes:
         if change.local is not None:
@@ -414,7 +443,7 @@ class _Writer:
         leaf = posixpath.basename(change.path)
         self.group(posixpath.dirname(h5path))
         kind = ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
-        mtime = {MTIME_ATTR: np.int64(os.stat(change.local).st_mtime_ns)} if change.local is not None else {}
+        marks = self.marks(change)
         if change.local is None:
             source = find(self.tree, change.base_path or "")
             if isinstance(source, File) and source.ref is not None and source.content is None:
@@ -422,12 +451,12 @@ class _Writer:
                 if kind is None or kind == source_kind:
                     # A rename: the dataset as it is (same dtype, chunks, attributes).
                     dest = _renamed(h5path, leaf, source_kind) if kind is None else h5path
-                    return self.copy_dataset(self.prev_group[_relative(source.ref, self.prev)], dest, change.path)
+                    return self.copy_dataset(self.prev_group[_relative(source.ref, self.prev)], dest, change.path, marks)
         if kind == "npy" or (kind is None and leaf.endswith(".npy")):
             layout = npy_layout(change.local) if change.local is not None else _saved_layout(self.content(change))
             if layout is not None:
                 name = h5path if kind else h5path[: -len(".npy")]
-                return self.put_array(name, layout, change, existing=kind is not None, attrs=mtime)
+                return self.put_array(name, layout, change, existing=kind is not None, attrs=marks)
             if kind:
                 raise CommitError(f"{change.path}: not a valid .npy file (it replaces dataset /{h5path})")
         size = os.path.getsize(change.local) if change.local is not None else None
@@ -437,7 +466,7 @@ class _Writer:
             if npy.text_bytes(values) == data:
                 name = h5path if kind else h5path[: -len(".txt")]
                 self.meter.add(len(data))
-                return self.put_text(name, values, change.path, existing=kind is not None, attrs=mtime)
+                return self.put_text(name, values, change.path, existing=kind is not None, attrs=marks)
             if kind:
                 raise CommitError(f"{change.path}: this text does not map back to the same bytes (see README, text form)")
         if change.local is not None:
@@ -447,10 +476,11 @@ class _Writer:
             source = np.frombuffer(data, dtype=np.uint8)
             self.meter.add(len(data))
         self.drop(h5path)
-        self.stream(h5path, source, change.path, _raw_chunks(source.shape[0]), {**mtime, RAW_ATTR: True})
+        self.stream(h5path, source, change.path, _raw_chunks(source.shape[0]), {**marks, RAW_ATTR: True})
 
-    def copy_dataset(self, source: h5py.Dataset, dest: str, shown: str) -> None:
-        attrs = {k: v for k, v in source.attrs.items() if k not in ("chunks", "raw_data", NAME_ATTR)}
+    def copy_dataset(self, source: h5py.Dataset, dest: str, shown: str, marks: dict[str, Any]) -> None:
+        # Its user attributes and versionfs's marks, then what the change says.
+        attrs = {k: v for k, v in source.attrs.items() if k not in INTERNAL_ATTRS or k in FILE_MARKS} | marks
         chunks = _chunks_of(source)
         self.drop(dest)
         if h5py.check_string_dtype(source.dtype) is not None:  # text: small, through the staged group
@@ -532,12 +562,14 @@ class _Writer:
             self._set(streamed.attrs, attrs, place, name)
         self.placed[shown] = place.name
 
-    @staticmethod
-    def _set(target: Any, attrs: dict[str, Any], place: Place, wanted: str) -> None:
+    def _set(self, target: Any, attrs: dict[str, Any], place: Place, wanted: str) -> None:
         for key, value in attrs.items():
             target[key] = value
         if place.name != wanted and NAME_ATTR not in attrs:
             target[NAME_ATTR] = posixpath.basename(wanted)
+        if NAME_ATTR in attrs or place.name != wanted:
+            # Readers find such a dataset only by listing its group: say so there.
+            self.group(posixpath.dirname(place.name)).attrs[RENAMED_ATTR] = True
 
     def put_text(self, name: str, values: list[bytes], shown: str, existing: bool, attrs: dict[str, Any]) -> None:
         try:
@@ -658,7 +690,7 @@ def _chunks_of(ds: h5py.Dataset) -> tuple[int, ...]:
 def _order(change: Change) -> tuple[int, int, str]:
     # Deletions first (deepest first), then new directories (shallowest first), then files.
     depth = change.path.count("/")
-    rank = {"delete": 0, "dir": 1, "file": 2}[change.kind]
+    rank = {"delete": 0, "dir": 1, "file": 2, "link": 2}[change.kind]
     return rank, -depth if rank == 0 else depth, change.path
 
 

@@ -14,24 +14,27 @@ lists and loses how they interleave, so the listing's XML is read for the order.
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import hashlib
 import logging
 import os
+import stat as stat_mod
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Counter, Iterator
 from urllib.parse import quote, urlparse
 
 from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
 from . import s3_data
-from .base import NAME_MAX, Change, Dir, Execution, File, FileDelta, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
+from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+                   VersionInfo, find, join, safe_name, to_ns)
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -40,12 +43,17 @@ PARALLEL_GETS = 8
 MAX_ATTEMPTS = 10
 READAHEAD = RANGE_PART * PARALLEL_GETS  # an open file's largest read-ahead window: 8 GETs at once
 METADATA_READ_TIMEOUT = 20.0  # seconds without a byte, for listings, HEADs and commits (retried by botocore)
-XATTR_CACHE_SIZE = 4096  # object versions whose user metadata is kept (it never changes)
+XATTR_CACHE_SIZE = 1 << 16  # object versions whose user metadata is kept (it never changes; a few hundred bytes each; stat needs it: mode, links)
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_SIZE = 16 << 20
 SMALL_BODY = 1 << 20  # uploads up to this size are sent from memory
 SHA_META = "versionfs-sha256"  # x-amz-meta-versionfs-sha256: the content's SHA-256
 MESSAGE_META = "versionfs-message"  # the commit message (URL-quoted)
+DIR_CACHE_VERSIONS = 200_000  # object versions kept in directory listings (about 400 bytes each)
+# A file's metadata as s3fs-fuse keeps it (x-amz-meta-mode: st_mode in decimal,
+# S_IFLNK for a symlink whose body is its target; -mtime: "sec[.nnnnnnnnn]";
+# -uid, -gid): s3fs, and versionfs, read each other's files the same way.
+MODE_META, MTIME_META, UID_META, GID_META = "mode", "mtime", "uid", "gid"
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class S3Backend:
     poll_interval = 5.0  # other writers' versions appear within seconds
     image_ext = None  # objects are files already: no single-file form of a version
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
+    generated_names: frozenset[str] = frozenset()  # every key is an ordinary file (.version.json too)
+    edits_in_place = False  # an upload sends the whole file
     commit_parallel = 16  # writes of a commit in flight at once
     multipart_threshold = MULTIPART_THRESHOLD  # larger files are uploaded in parts
     part_size = PART_SIZE
@@ -150,6 +160,9 @@ class S3Backend:
 
         self.bucket, self.prefix = parse_url(url)
         self.description = f"s3://{self.bucket}/{self.prefix}"
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
+        self.identity = f"s3:{endpoint}:{self.bucket}/{self.prefix}"
+        self.spool_key = self.identity  # two endpoints may have buckets of the same name
         # The first request answers "can this be mounted at all?": a wrong endpoint,
         # one that drops packets or a missing bucket is said in seconds, not after
         # ten retries (two short attempts, before any other client is made).
@@ -170,19 +183,27 @@ class S3Backend:
         self._commit_pool: ThreadPoolExecutor | None = None  # a commit's writes: made by the first commit
         # The next versions() answer, if a commit just listed (until the deadline).
         self._listed_by_commit: tuple[list[VersionInfo], float] | None = None
+        self._kept: dict[str, list[ObjectVersion]] = {}  # a commit's keys as its last listing found them
         self._get_pool = ThreadPoolExecutor(s3_data.MAX_GETS, thread_name_prefix="versionfs-s3-get")
-        self._xattrs: Lru[dict[str, bytes]] = Lru(XATTR_CACHE_SIZE)
+        self._xattrs: Lru[dict[str, str]] = Lru(XATTR_CACHE_SIZE)  # object version -> its user metadata
         self._xattrs_lock = threading.Lock()
         # Cache writes happen beside the reads, not in front of them.
         self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="versionfs-s3-cache")
         self.cache = cache
         self._listing = threading.local()  # per thread: the XML order of the listing under way
         self.client.meta.events.register("after-call.s3.ListObjectVersions", self._remember_order)
-        self._by_key: dict[str, list[ObjectVersion]] = {}
-        self._instants: list[dt.datetime] = []
+        self._instants: list[dt.datetime] = []  # every instant at which a key changed, oldest first
+        self._by_name: dict[str, dt.datetime] = {}
         self._digits = 0
-        self._dirs: dict[str, DirListing] = {}  # history/: one listing per directory, until a poll sees a change
-        self.signature: int | None = None  # of the last listing: tells the namespace what changed
+        # Which directories hold a shown key when: directory -> (start, end) ns intervals.
+        self._alive: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._dir_digests: dict[str, bytes] = {}  # directory -> digest of its keys' versions (what a poll compares)
+        # One listing per directory (Delimiter "/"), for views and history/, kept by size
+        # until a poll sees that directory change.
+        self._dirs: Lru[DirListing] = Lru(DIR_CACHE_VERSIONS, weight=lambda d: 1 + d.size)
+        self._dirs_lock = threading.Lock()  # metadata calls run concurrently
+        self.signature: bytes | None = None  # of the last listing: tells the namespace what changed
+        self.counters: Counter[str] = Counter()  # requests and builds (the control socket's stats)
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self, probe: Any) -> None:
@@ -209,17 +230,17 @@ class S3Backend:
                 order.append((key, version_id))
         self._listing.order.append(order)
 
-    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
-        """Every object version and delete marker under ``prefix`` in listing order
-        and, with a delimiter, the "subdirectory" prefixes found."""
-        self._listing.order = []
-        found: dict[tuple[str, str], ObjectVersion] = {}
-        subdirs: list[str] = []
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[tuple[list[ObjectVersion], list[str]]]:
+        """Each page of object versions and delete markers under ``prefix``, in
+        listing order, with the "subdirectory" prefixes it found (with a delimiter)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.list_page}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
+            self._listing.order = []
             page = self.client.list_object_versions(**kwargs)
+            self._count("list requests")
+            found: dict[tuple[str, str], ObjectVersion] = {}
             for item in page.get("Versions", []):
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC),
@@ -229,7 +250,8 @@ class S3Backend:
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC), None, 0, True,
                 )
-            subdirs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            ordered = [found.pop(kv) for order in self._listing.order for kv in order if kv in found]
+            yield ordered + list(found.values()), [p["Prefix"] for p in page.get("CommonPrefixes", [])]  # unshown last
             if not page.get("IsTruncated"):
                 break
             # Both markers: one key's versions may span pages. A page that ends on a
@@ -238,8 +260,16 @@ class S3Backend:
             kwargs.pop("VersionIdMarker", None)
             if page.get("NextVersionIdMarker"):
                 kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
-        ordered = [found.pop(kv) for page in self._listing.order for kv in page if kv in found]
-        return ordered + list(found.values()), subdirs  # anything the XML did not show, last
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[ObjectVersion], list[str]]:
+        """Every object version and delete marker under ``prefix`` in listing order
+        and, with a delimiter, the "subdirectory" prefixes found."""
+        versions: list[ObjectVersion] = []
+        subdirs: list[str] = []
+        for page, prefixes in self._pages(prefix, delimiter):
+            versions += page
+            subdirs += prefixes
+        return versions, subdirs
 
     @staticmethod
     def _by_key_newest_first(listing: list[ObjectVersion]) -> dict[str, list[ObjectVersion]]:
@@ -253,26 +283,43 @@ class S3Backend:
         return dict(by_key)
 
     def versions(self) -> list[VersionInfo]:
+        """Every instant at which a key under the prefix changed, from one pass
+        over the whole listing that keeps no object version: the instants, a
+        digest per directory and when each directory holds a shown key (views
+        list their directories themselves)."""
         fresh, self._listed_by_commit = self._listed_by_commit, None
         if fresh is not None and time.monotonic() < fresh[1]:
             return fresh[0]  # the listing a commit just ended with
         return self._versions()
 
-    def _versions(self) -> list[VersionInfo]:
-        by_key = self._by_key_newest_first(self._list(self.prefix)[0])
-        instants = sorted({v.modified for versions in by_key.values() for v in versions})
-        # Changes even when no new instant appears (a second write within the same
-        # second on a store with whole-second times).
-        signature = hash(frozenset((v.key, v.version_id) for versions in by_key.values() for v in versions))
-        if signature != self.signature:
-            self._dirs.clear()  # history/ lists again
-        self.signature = signature
-        self._by_key = by_key
-        self._instants = instants
+    def _versions(self, keep: set[str] | frozenset[str] = frozenset()) -> list[VersionInfo]:
+        """versions(), listing again; the object versions of the keys in ``keep``
+        go to ``self._kept`` (newest first), for a commit's checks."""
+        scan = _Scan(self.prefix)
+        kept: list[ObjectVersion] = []
+        for page, _ in self._pages(self.prefix):
+            scan.add(page)
+            if keep:
+                kept += [v for v in page if v.key in keep]
+        scan.finish()
+        self._kept = self._by_key_newest_first(kept)
+        self._count("version lists")
+        if scan.signature != self.signature:
+            # Only what changed is listed again (history/ and views).
+            for directory in set(scan.dir_digests) | set(self._dir_digests):
+                if scan.dir_digests.get(directory) != self._dir_digests.get(directory):
+                    with self._dirs_lock:
+                        self._dirs.discard(directory)
+        self.signature = scan.signature
+        self._dir_digests = scan.dir_digests
+        self._alive = scan.alive
+        self._instants = sorted(scan.instants)
         self._digits = fraction_digits(self._instants)
         infos, previous = [], None
+        self._by_name = {}
         for instant in self._instants:
             name = version_name(instant, self._digits)
+            self._by_name[name] = instant
             infos.append(VersionInfo(name=name, timestamp=instant, previous=previous))
             previous = name
         return infos
@@ -281,46 +328,48 @@ class S3Backend:
         return version_name(self._instants[-1], self._digits) if self._instants else None
 
     def _instant(self, name: str) -> dt.datetime:
-        for instant in self._instants:
-            if version_name(instant, self._digits) == name:
-                return instant
-        raise KeyError(name)
+        return self._by_name[name]
 
-    def view(self, instant: dt.datetime) -> dict[str, ObjectVersion]:
-        """key -> the object version shown at ``instant`` (delete markers hidden)."""
-        out = {}
-        for key, versions in self._by_key.items():
-            # Newest first: the first one at or before the instant is the one shown.
-            shown = next((v for v in versions if v.modified <= instant), None)
-            if shown is not None and not shown.deleted:
-                out[key] = shown
-        return out
+    def _dir_alive(self, directory: str, at_ns: int) -> bool:
+        intervals = self._alive.get(directory, ())
+        i = bisect.bisect_right(intervals, (at_ns, _FOREVER)) - 1
+        return i >= 0 and intervals[i][0] <= at_ns < intervals[i][1]
 
     # -- trees --------------------------------------------------------------------------
-    def tree(self, version: str) -> Dir:
+    def listdir(self, version: str, path: str, ref: Any = None) -> dict[str, File | Dir]:
+        """One directory of the view at ``version``, from that directory's own
+        listing (shared by every version and by history/): each key's newest
+        version at or before the instant, delete markers hidden, and the
+        subdirectories that hold a shown key then."""
         instant = self._instant(version)
-        mtime = to_ns(instant)
-        root = Dir(mtime_ns=mtime)
-        dirs: dict[tuple[str, ...], Dir] = {(): root}
-        files: list[tuple[list[str], ObjectVersion]] = []
-        for key, shown in sorted(self.view(instant).items()):
-            parts = path_parts(key[len(self.prefix):])
-            if parts is None:
-                log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
-                continue
-            files.append((parts, shown))
-            for i in range(1, len(parts)):
-                dirs.setdefault(tuple(parts[:i]), Dir(mtime_ns=mtime))
+        at_ns, mtime = to_ns(instant), to_ns(instant)
+        listing = self._dir_listing(path)
+        self._count("listings")
+        out: dict[str, File | Dir] = {}
         # Directories first, so a key "a" next to keys "a/…" is the one renamed.
-        for path in sorted(p for p in dirs if p):
-            parent = dirs[path[:-1]]
-            parent.children[path[-1]] = dirs[path]
-        for parts, shown in files:
-            parent = dirs[tuple(parts[:-1])]
-            name = safe_name(parts[-1], "", set(parent.children))
-            if name != parts[-1]:
-                log.warning("key %r is shown as %r (the name is taken)", shown.key, name, extra=once(("s3-key", shown.key)))
-            parent.children[name] = _file(shown)
+        for name in sorted(listing.subdirs):
+            if self._dir_alive(join(path, name), at_ns):
+                out[name] = Dir(mtime_ns=mtime)
+        for name in sorted(listing.keys):
+            shown = next((v for v in listing.keys[name] if v.modified <= instant), None)
+            if shown is None or shown.deleted or not self._valid(path, name):
+                continue
+            display = safe_name(name, "", set(out))
+            if display != name:
+                log.warning("key %r is shown as %r (the name is taken)", shown.key, display, extra=once(("s3-key", shown.key)))
+            out[display] = _file(shown)
+        return out
+
+    def tree(self, version: str) -> Dir:
+        """The whole view at ``version`` (one listing per directory)."""
+        mtime = to_ns(self._instant(version))
+        root = Dir(mtime_ns=mtime)
+        pending = [("", root)]
+        while pending:
+            path, node = pending.pop()
+            node.children = self.listdir(version, path)
+            pending += [(join(path, n), e) for n, e in node.children.items() if isinstance(e, Dir)]
+        self._count("trees")
         return root
 
     # -- history ------------------------------------------------------------------------
@@ -359,16 +408,22 @@ class S3Backend:
         return True
 
     def _dir_listing(self, directory: str) -> "DirListing":
-        cached = self._dirs.get(directory)
+        with self._dirs_lock:
+            cached = self._dirs.get(directory)
         if cached is not None:
             return cached
         prefix = self.prefix + (directory + "/" if directory else "")
         listing, subdirs = self._list(prefix, "/")
         keys = {key[len(prefix):]: versions for key, versions in self._by_key_newest_first(listing).items()}
         names = [p[len(prefix):].rstrip("/") for p in subdirs]
-        result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n))
-        self._dirs[directory] = result
-        return result
+        result = DirListing(keys, frozenset(n for n in names if path_parts(n) is not None and "/" not in n), len(listing))
+        self._count("directory listings")
+        with self._dirs_lock:
+            return self._dirs.put(directory, result)
+
+    def _count(self, what: str) -> None:
+        with self._dirs_lock:
+            self.counters[what] += 1
 
     # -- data ---------------------------------------------------------------------------
     def file_size(self, ref: S3Ref) -> int:
@@ -414,18 +469,28 @@ class S3Backend:
         if self.cache is not None:
             self._cache_writer.submit(self.cache.put, self._identity(ref), index, bytes(into))
 
-    def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
-        """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs;
-        one HEAD per object version (its metadata never changes)."""
+    def _metadata(self, ref: S3Ref) -> dict[str, str]:
+        """An object version's user metadata (x-amz-meta-*): one HEAD per object
+        version, kept (its metadata never changes)."""
         key = (ref.key, ref.version_id, ref.etag)
         with self._xattrs_lock:
             found = self._xattrs.get(key)
         if found is None:
-            head = self._data.head(self.bucket, ref.key, ref.version_id)
-            found = {f"user.{k}": v.encode() for k, v in head.get("Metadata", {}).items()}
+            found = self._data.head(self.bucket, ref.key, ref.version_id).get("Metadata", {})
             with self._xattrs_lock:
                 self._xattrs.put(key, found)
         return found
+
+    def file_meta(self, ref: S3Ref) -> FileMeta:
+        """Mode, link-ness and mtime, from the metadata s3fs's names give."""
+        return parse_s3fs_meta(self._metadata(ref))
+
+    def file_metas(self, refs: list[S3Ref]) -> list[FileMeta]:
+        return list(self._get_pool.map(self.file_meta, refs))
+
+    def xattrs(self, ref: S3Ref) -> dict[str, bytes]:
+        """User metadata (x-amz-meta-*) of an object version, as ``user.*`` xattrs."""
+        return {f"user.{k}": v.encode() for k, v in self._metadata(ref).items()}
 
     # -- equality ---------------------------------------------------------------------
     def same_content(self, entry: File, local: str, written: Any = None) -> bool:
@@ -494,7 +559,7 @@ class S3Backend:
             failed = self._run(phase, lambda w: self._write(w, metadata, meter))
             if failed is not None:
                 break
-        infos = self._versions()  # a fresh listing: what the store holds now
+        infos = self._versions(keep={w.key for w in writes})  # a fresh listing: what the store holds now
         infos = self._settle(writes) or infos
         self._listed_by_commit = (infos, time.monotonic() + 2.0)  # the namespace asks next: no second listing
         written = [w.key for w in writes if w.version_id is not None]
@@ -521,8 +586,12 @@ class S3Backend:
                 continue
             key = base.ref.key if isinstance(base, File) else self.prefix + change.path
             base_ref = base.ref if isinstance(base, File) else None
-            if change.local is not None:
-                writes[key] = Write(key, "put", base_ref, local=change.local, size=os.path.getsize(change.local))
+            meta = s3fs_meta(change)
+            if change.kind == "link":  # as s3fs stores one: the body is the target
+                body = os.fsencode(change.target or "")
+                writes[key] = Write(key, "put", base_ref, data=body, size=len(body), meta=meta)
+            elif change.local is not None:
+                writes[key] = Write(key, "put", base_ref, local=change.local, size=os.path.getsize(change.local), meta=meta)
             else:
                 source = find(tree, change.base_path or "")
                 assert isinstance(source, File)
@@ -564,7 +633,7 @@ class S3Backend:
         elif w.kind == "copy":
             w.version_id, w.etag = self._copy(w.key, w.source, w.base)
         else:
-            w.version_id = self._upload(w, metadata, meter)
+            w.version_id = self._upload(w, {**metadata, **w.meta}, meter)
         meter.done(w.size if w.kind != "put" or w.size <= self.multipart_threshold else 0)
 
     def _settle(self, writes: list["Write"]) -> list[VersionInfo] | None:
@@ -573,7 +642,7 @@ class S3Backend:
         the versions listed again)."""
         removed = False
         for w in writes:
-            versions = self._by_key.get(w.key, [])
+            versions = self._kept.get(w.key, [])
             if w.version_id is None and (w.conflict or w.error is not None) and versions:
                 # A retried conditional write fails once its first try got through;
                 # a lost answer hides a write that happened: is the newest ours?
@@ -634,21 +703,26 @@ class S3Backend:
         """Upload a staged file; its VersionId. ``w.etag`` is set before the
         request goes out (a lost answer is recognised by it)."""
         key, local, base = w.key, w.local, w.base
-        size = os.path.getsize(local)
-        digests = file_digests(local)
+        if w.data is not None:
+            size = len(w.data)
+            digests = {"sha256": hashlib.sha256(w.data).hexdigest(), "md5": hashlib.md5(w.data).hexdigest()}
+        else:
+            size = os.path.getsize(local)
+            digests = file_digests(local)
         meta = {**metadata, SHA_META: digests["sha256"]}
         try:
-            if size <= self.multipart_threshold:
+            if size <= self.multipart_threshold or w.data is not None:
                 w.etag = digests["md5"]
                 # The store checks the SHA-256 too: a corrupted upload is refused.
                 checksum = base64.b64encode(bytes.fromhex(digests["sha256"])).decode()
+                put = lambda body: self.client.put_object(  # noqa: E731
+                    Bucket=self.bucket, Key=key, Body=body, Metadata=meta, ChecksumSHA256=checksum, **self._condition(base))
+                if w.data is not None:
+                    return put(w.data).get("VersionId")
                 with open(local, "rb") as f:
                     # A small body goes as bytes: botocore then sends it at once, without
                     # waiting a round trip for "100 Continue" as it does for a file.
-                    body = f.read() if size <= SMALL_BODY else f
-                    answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta,
-                                                    ChecksumSHA256=checksum, **self._condition(base))
-                return answer.get("VersionId")
+                    return put(f.read() if size <= SMALL_BODY else f).get("VersionId")
             return self._multipart(w, size, meta, meter)
         except Exception as e:
             self._conflict(e, key)
@@ -709,9 +783,9 @@ class S3Backend:
     # -- compact -----------------------------------------------------------------------
     def duplicates(self) -> list[tuple[ObjectVersion, ObjectVersion]]:
         """(duplicate, the version it repeats): object versions whose content equals
-        the key's previous version, never across a delete marker. Call versions() first."""
+        the key's previous version, never across a delete marker (one whole listing)."""
         out = []
-        for versions in self._by_key.values():
+        for versions in self._by_key_newest_first(self._list(self.prefix)[0]).values():
             previous: ObjectVersion | None = None
             for version in reversed(versions):  # oldest first
                 if version.deleted:
@@ -753,6 +827,8 @@ class Write:
     kind: str  # "put", "copy" or "delete"
     base: S3Ref | None  # what staging's base had at the key (None: nothing live)
     local: str | None = None  # put: the staged file
+    data: bytes | None = None  # put: the body itself (a symlink's target)
+    meta: dict[str, str] = field(default_factory=dict)  # the file's own metadata (s3fs's names)
     source: S3Ref | None = None  # copy: the object version copied
     size: int = 0
     version_id: str | None = None  # ours, once it is in the store
@@ -789,6 +865,113 @@ def _clash(a: str, b: str) -> bool:
 class DirListing:
     keys: dict[str, list[ObjectVersion]]  # name directly below -> its versions, newest first
     subdirs: frozenset[str]  # names of the "subdirectories" (common prefixes)
+    size: int = 0  # object versions held (what keeping it costs: about 400 bytes each)
+
+
+_FOREVER = 1 << 62
+
+
+class _Scan:
+    """What ``versions`` keeps of one pass over the whole listing. Keys come in
+    order, so all keys below a directory come together: a directory's digest
+    and intervals are complete when the listing leaves it."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.instants: set[dt.datetime] = set()
+        self.dir_digests: dict[str, bytes] = {}
+        self.alive: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._digest = hashlib.blake2b(digest_size=16)
+        self._open: list[tuple[str, Any, list[tuple[int, int]]]] = []  # (directory, its digest, intervals) from the top
+        self._pending: dict[str, list[ObjectVersion]] = {}  # keys whose versions may not all be listed yet
+
+    @property
+    def signature(self) -> bytes:
+        return self._digest.digest()
+
+    def add(self, page: list[ObjectVersion]) -> None:
+        # Keys come in order from page to page, but within a page some servers list
+        # every version before every delete marker, and a key's versions may go on
+        # into the next page: every key of a page but its last is complete.
+        for version in page:
+            self._pending.setdefault(version.key, []).append(version)
+        if not page:
+            return
+        last = max(v.key for v in page)
+        for key in sorted(k for k in self._pending if k != last):
+            self._key_done(key, self._pending.pop(key))
+
+    def finish(self) -> None:
+        for key in sorted(self._pending):
+            self._key_done(key, self._pending.pop(key))
+        while self._open:
+            self._close()
+
+    def _key_done(self, key: str, versions: list[ObjectVersion]) -> None:
+        versions.sort(key=lambda v: v.modified, reverse=True)  # newest first; ties keep listing order
+        self.instants.update(v.modified for v in versions)
+        said = "".join(f"{v.key}\0{v.version_id}\n" for v in versions).encode("utf-8", "surrogateescape")
+        self._digest.update(said)
+        relative = key[len(self.prefix):]
+        components = relative.split("/")[:-1]
+        # The key's directories from the top ('' is the prefix itself): a directory's
+        # listing (Delimiter "/") changes with any key below it.
+        chain = ["", *("/".join(components[: i + 1]) for i in range(len(components)))]
+        while self._open and self._open[-1][0] not in chain:
+            self._close()
+        for directory in chain[len(self._open):]:
+            self._open.append((directory, hashlib.blake2b(digest_size=16), []))
+        shown = path_parts(relative) is not None
+        if not shown:  # said once, when the listing first meets it
+            log.warning("key %r is not a valid path: not shown", key, extra=once(("s3-key", key)))
+        live = _live_intervals(versions) if shown else []
+        for directory, digest, intervals in self._open:
+            digest.update(said)
+            if directory and shown:
+                intervals += live
+                if len(intervals) > 4096:  # a directory of very many keys: keep it merged as it goes
+                    intervals[:] = _merged(intervals)
+
+    def _close(self) -> None:
+        directory, digest, intervals = self._open.pop()
+        # (A directory met again can only come from a server that lists keys out of
+        # order across pages: what it had is kept, not overwritten.)
+        if directory in self.dir_digests:
+            digest.update(self.dir_digests[directory])
+        self.dir_digests[directory] = digest.digest()
+        if directory:
+            self.alive[directory] = _merged([*self.alive.get(directory, ()), *intervals])
+
+
+def _live_intervals(newest_first: list[ObjectVersion]) -> list[tuple[int, int]]:
+    """When a key is shown: [start, end) ns intervals (the newest version at each
+    instant decides: a delete marker hides it)."""
+    if not any(v.deleted for v in newest_first):  # the usual case: shown from its first version on
+        return [(to_ns(newest_first[-1].modified), _FOREVER)]
+    state: dict[dt.datetime, bool] = {}
+    for v in newest_first:
+        state.setdefault(v.modified, not v.deleted)  # the first seen at a time is the newest then
+    out: list[tuple[int, int]] = []
+    start = None
+    for instant in sorted(state):
+        if state[instant] and start is None:
+            start = to_ns(instant)
+        elif not state[instant] and start is not None:
+            out.append((start, to_ns(instant)))
+            start = None
+    if start is not None:
+        out.append((start, _FOREVER))
+    return out
+
+
+def _merged(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return tuple(out)
 
 
 def _file(version: ObjectVersion) -> File:
@@ -798,7 +981,44 @@ def _file(version: ObjectVersion) -> File:
         ref=S3Ref(version.key, version.version_id, version.etag, version.size),
         layout=(0, RANGE_PART),
         readahead=READAHEAD,
+        meta=None,  # in the object's metadata: asked for when needed (file_meta)
     )
+
+
+def s3fs_meta(change: Change) -> dict[str, str]:
+    """The metadata of a staged file or link in s3fs's names."""
+    out: dict[str, str] = {}
+    kind = stat_mod.S_IFLNK if change.kind == "link" else stat_mod.S_IFREG
+    mode = 0o777 if change.kind == "link" else change.mode
+    if mode is not None:
+        out[MODE_META] = str(kind | mode)
+    if change.mtime_ns is not None:
+        seconds, nanos = divmod(change.mtime_ns, 10**9)
+        out[MTIME_META] = f"{seconds}.{nanos:09d}" if nanos else str(seconds)
+    if change.uid is not None:
+        out[UID_META] = str(change.uid)
+    if change.gid is not None:
+        out[GID_META] = str(change.gid)
+    return out
+
+
+def parse_s3fs_meta(metadata: dict[str, str]) -> FileMeta:
+    """What s3fs's metadata names say (anything unreadable counts as not given)."""
+    mode = link = None
+    try:
+        text = metadata[MODE_META].strip()
+        full = int(text, 8) if text.startswith("0") and text.isdigit() else int(text, 0)
+        link = stat_mod.S_ISLNK(full)
+        mode = stat_mod.S_IMODE(full)
+    except (KeyError, ValueError):
+        pass
+    mtime = None
+    try:
+        seconds, _, nanos = metadata[MTIME_META].partition(".")
+        mtime = int(seconds) * 10**9 + (int(nanos) if nanos else 0)
+    except (KeyError, ValueError):
+        pass
+    return FileMeta(mode=None if link else mode, link=bool(link), mtime_ns=mtime)
 
 
 def _files_below(directory: Dir) -> list[File]:
@@ -859,9 +1079,13 @@ def guess_part_sizes(size: int, parts: int) -> list[int]:
 def enable_versioning(url: str, endpoint_url: str | None = None) -> str:
     """``versionfs init s3://bucket``: turn versioning on (creating nothing else)."""
     import boto3
+    from botocore.config import Config
 
     bucket, _ = parse_url(url)
-    client = boto3.client("s3", endpoint_url=endpoint_url)
+    # As the mount's probe: an endpoint that does not answer is said in seconds.
+    client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=s3_data.PROBE_TIMEOUT,
+        read_timeout=s3_data.PROBE_TIMEOUT))
     try:
         client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     except Exception as e:  # noqa: BLE001 - said for people by bucket_failure
@@ -877,7 +1101,8 @@ def bucket_failure(what: str, bucket: str, error: Exception) -> Exception:
     if isinstance(error, NoCredentialsError):
         return SourceError(f"{what}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID, or use ~/.aws or an instance role)")
     if isinstance(error, EndpointConnectionError):
-        return SourceError(f"{what}: cannot reach {error.kwargs.get('endpoint_url')}: is the endpoint right "
+        where = urlparse(str(error.kwargs.get("endpoint_url", "")))
+        return SourceError(f"{what}: cannot reach {where.scheme}://{where.netloc}: is the endpoint right "
                            "(--endpoint-url, endpoint_url=, AWS_ENDPOINT_URL) and the store up?")
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
