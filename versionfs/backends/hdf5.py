@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_BYTES = 64 << 20
 IMAGE_CACHE_BYTES = 256 << 20  # built images kept (metadata only: pages, 24 bytes a chunk)
 CHUNK_INDEX_BYTES = 128 << 20  # raw datasets' chunk indexes kept (about 40 bytes a chunk)
-OBJECT_CACHE_SIZE = 4096  # object headers kept, read (a few hundred bytes each)
+OBJECT_CACHE_SIZE = 1024  # object headers kept, read (about a KiB each)
 OPEN_DATASETS = 16  # datasets kept open for reads
 INDEX_CACHE_BYTES = 64 << 20  # chunk indexes of datasets read from their raw chunks
 
