@@ -7,7 +7,6 @@ usable (or why it is not), so ``versionfs mount`` returns only once it can be us
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -26,6 +25,7 @@ import trio
 from . import control
 from .backends import DEFAULT_CACHE_BYTES, DEFAULT_STORE_TIMEOUT, open_backend
 from .backends.base import Backend
+from .cache import give_back_big_buffers
 from .cache import DEFAULT_READAHEAD_BYTES, ReadAheadBudget
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
@@ -105,17 +105,6 @@ def fuse_options(opts: MountOptions) -> set[str]:
     for option in opts.fuse_options:
         options.add(option)
     return options
-
-
-def give_back_big_buffers() -> None:
-    """Buffers over 1 MiB straight from mmap, so that a freed one (a build's
-    temporaries, a read window) goes back to the system: glibc otherwise raises
-    that threshold as big buffers are freed and keeps them in the heap, and the
-    daemon's memory would grow with what it once built, not with what it keeps."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:

@@ -24,7 +24,7 @@ import outcome
 import trio
 
 from .backends.base import NAME_MAX, Backend, Dir, Entry, File, History, Revision, VersionInfo, find, join, to_ns
-from .cache import BlockReader, Lru, ReadAheadBudget
+from .cache import BlockReader, Lru, ReadAheadBudget, release_freed_memory
 from .errors import FsError, enoent
 from .logs import once
 from .worker import Worker
@@ -42,6 +42,7 @@ SHORT_TTL = 1.0
 TREE_CACHE_ENTRIES = 100_000
 LISTING_CACHE_ENTRIES = 100_000
 HISTORY_CACHE_ENTRIES = 100_000
+BIG_BUILD = 0.1  # seconds: backend work that long is followed by giving freed memory back
 
 
 class Request:
@@ -505,11 +506,14 @@ class Namespace:
             running = self._running[key] = _Running(trio.Event())
 
             async def work() -> None:
+                started = time.monotonic()
                 try:
                     running.result = await outcome.acapture(self.worker.run, fn, *args)
                 finally:
                     del self._running[key]
                     running.done.set()
+                if time.monotonic() - started > BIG_BUILD:  # its temporaries go back to the system
+                    await trio.to_thread.run_sync(release_freed_memory)
 
             if self.spawn is None:  # no daemon nursery (a test driving the namespace): in line
                 await work()
