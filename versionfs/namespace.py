@@ -416,11 +416,15 @@ def history_listing(history: History) -> HistoryListing:
             digest = hashlib.sha1(revision.version_id.encode()).hexdigest()[:16]
             name = f"{position:0{width}d}_{revision.time_label}_~{digest}{suffix}"
         mtime = to_ns(revision.timestamp)
-        shown = File(size=0, mtime_ns=mtime, content=b"") if revision.file is None else replace(revision.file, mtime_ns=mtime)
+        if revision.file is None:
+            shown = File(size=0, mtime_ns=mtime, content=b"")
+        else:  # (the same object where the time agrees: one kept per entry, not two)
+            shown = revision.file if revision.file.mtime_ns == mtime else replace(revision.file, mtime_ns=mtime)
         entries[name] = (revision, shown)
     items = list(entries.items())
     index = selectors.VersionIndex(items, [r.timestamp for _, (r, _) in items], [r.version_id for _, (r, _) in items])
-    return HistoryListing(history, entries, index)
+    # The revisions live on in the entries: the listing keeps only the names below.
+    return HistoryListing(History(history.children, ()), entries, index)
 
 
 class Namespace:
@@ -509,11 +513,11 @@ class Namespace:
                 started = time.monotonic()
                 try:
                     running.result = await outcome.acapture(self.worker.run, fn, *args)
+                    if time.monotonic() - started > BIG_BUILD:  # its temporaries go back to the system
+                        await trio.to_thread.run_sync(release_freed_memory)
                 finally:
                     del self._running[key]
                     running.done.set()
-                if time.monotonic() - started > BIG_BUILD:  # its temporaries go back to the system
-                    await trio.to_thread.run_sync(release_freed_memory)
 
             if self.spawn is None:  # no daemon nursery (a test driving the namespace): in line
                 await work()
