@@ -1,4 +1,4 @@
-"""Sequential reads of a 512 MiB dataset through latest/, against h5py and the disk."""
+"""Sequential reads of a 512 MiB dataset through latest/, against the disk (and h5py)."""
 
 
 import os
@@ -54,8 +54,8 @@ def ensure_big_file() -> Path:
 
 # -- benchmarks ------------------------------------------------------------------------
 def run(ctx: Context) -> Result:
-    """Sequential read of latest/big.npy, cold and warm, against h5py reading the
-    same dataset directly from the same file, cold."""
+    """Sequential read of latest/big.npy, cold and warm, against a plain sequential
+    read of the file (the disk), and h5py reading the same dataset, cold."""
     source = ensure_big_file()
     nbytes = BIG_ELEMENTS * 8
     dropped = True
@@ -99,15 +99,16 @@ def run(ctx: Context) -> Result:
     def speed(times: list[float], n: int = nbytes) -> float:
         return mib_s(n, statistics.median(times))
 
-    ref = speed(ref_times)
-    disk_s = speed(disk, source.stat().st_size)
+    h5py_s = speed(ref_times)
+    ref = speed(disk, source.stat().st_size)  # the disk in this run: what a read can reach
     cold_s, warm_s, cat_s = speed(cold, size), speed(warm, size), speed(cat, size)
     suffix = "" if dropped else " (cache not dropped)"
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
     rows = [
-        Row(f"h5py direct read of the dataset, cold{suffix} — reference", ref, None, "—", reference=True),
-        Row(f"plain sequential read of the .h5 file, cold{suffix} (disk ceiling)", disk_s, disk_s / ref, "— (informative)"),
-        Row(f"versionfs `latest/big.npy`, cold, 1 MiB `readinto`{suffix}", cold_s, cold_s / ref, f"≥ 0.8 ({met(cold_s >= 0.8 * ref)})"),
+        Row(f"plain sequential read of the .h5 file, cold{suffix} (the disk) — reference", ref, None, "—", reference=True),
+        Row(f"h5py direct read of the dataset, cold{suffix}", h5py_s, h5py_s / ref, "— (informative)"),
+        Row(f"versionfs `latest/big.npy`, cold, 1 MiB `readinto`{suffix}", cold_s, cold_s / ref,
+            f"≥ 0.8× the disk ({met(cold_s >= 0.8 * ref)}; {cold_s / h5py_s:.2f}× h5py)"),
         Row(f"versionfs `latest/big.npy`, cold, `cat > /dev/null`{suffix}", cat_s, cat_s / ref, "≥ 0.8 (informative)"),
         Row("versionfs `latest/big.npy`, warm re-read (page cache)", warm_s, warm_s / ref, f"from page cache, ≫ cold ({warm_s / cold_s:.1f}× cold)"),
     ]
@@ -122,7 +123,7 @@ def run(ctx: Context) -> Result:
         f"(file is {size / MiB:.0f} MiB), busy {med(daemon_cold_cpu):.0%} of one CPU.",
         f"Daemon during a warm re-read: read {med(daemon_warm_read) / MiB:.1f} MiB "
         f"({'served by the page cache' if med(daemon_warm_read) < MiB else 'NOT served by the page cache'}).",
-        f"Every run (MiB/s): reference {runs(ref_times)}; disk {runs(disk, source.stat().st_size)}; cold {runs(cold, size)}; "
+        f"Every run (MiB/s): disk {runs(disk, source.stat().st_size)}; h5py {runs(ref_times)}; cold {runs(cold, size)}; "
         f"cat {runs(cat, size)}; warm {runs(warm, size)}.",
         "Correctness: `big.npy` header matches numpy's, data bytes equal h5py's (sha256).",
     ]

@@ -222,7 +222,7 @@ def s3_env(tmp: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def s3_mounted(url: str, bucket: str) -> Iterator[tuple[Path, Path]]:
+def s3_mounted(url: str, bucket: str, *extra: str) -> Iterator[tuple[Path, Path]]:
     """A versionfs mount of s3://``bucket`` with a fresh, throw-away cache and state
     directory: (mount point, cache directory); always unmounted."""
     tmp = Path(tempfile.mkdtemp(prefix="versionfs-bench-s3-"))
@@ -231,7 +231,7 @@ def s3_mounted(url: str, bucket: str) -> Iterator[tuple[Path, Path]]:
     env = s3_env(tmp)
     try:
         r = versionfs("mount", f"s3://{bucket}", str(mnt), "--endpoint-url", url, "--cache-dir", str(cache),
-                      "--state-dir", str(state), check=False, env=env)
+                      "--state-dir", str(state), *extra, check=False, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"versionfs mount s3://{bucket} failed: {r.stderr.strip()}")
         yield mnt, cache

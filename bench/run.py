@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import README, Context, Result, fmt_table, write_readme  # noqa: E402
 
-GROUPS = ["read", "commit", "s3", "image", "history", "scale"]
+GROUPS = ["read", "compressed", "parallel", "commit", "s3", "outage", "image", "history", "scale"]
 
 
 def main() -> int:

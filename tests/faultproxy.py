@@ -47,6 +47,10 @@ class FaultProxy:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way
+        except OSError:
+            pass
         self._listener.close()
         for s in list(self._sockets):
             _close(s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,14 @@ def test_bad_sources_are_refused_clearly(tmp_path, mnt):
     ]
     for source, words in cases:
         assert_one_line_error(run_versionfs("mount", str(source), str(mnt)), str(source), words)
+        assert not is_mounted(mnt)
+
+
+def test_unknown_mount_option_is_named(good, mnt):
+    for extra in ([], ["-f"]):
+        result = run_versionfs("mount", str(good), str(mnt), "-o", "ro,bogus_opt", *extra)
+        assert_one_line_error(result, "unknown mount option 'bogus_opt'", "state_dir=")
+        assert "fuse_session_new" not in result.stderr and "RuntimeError" not in result.stderr
         assert not is_mounted(mnt)
 
 
@@ -117,15 +126,14 @@ def test_log(tmp_path, good, mnt):
     make_versions(good, lambda g: g["x"].resize((7,)), names=["second"])
     result = run_versionfs("log", str(good))
     assert result.returncode == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["__first_version__", "v1", "second"]
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [["@0", "v1"], ["@1", "second"]]
     assert result.stdout.splitlines()[-1].endswith("(current)")
     doc = json.loads(run_versionfs("log", str(good), "--json").stdout)
-    assert [v["name"] for v in doc] == names and doc[-1]["current"] and doc[-1]["previous"] == "v1"
-    assert doc[1]["timestamp"].endswith("Z")
+    assert [v["name"] for v in doc] == ["v1", "second"] and doc[-1]["current"] and doc[-1]["previous"] == "v1"
+    assert doc[1]["timestamp"].endswith("Z") and [v["position"] for v in doc] == [0, 1]
     assert run_versionfs("mount", str(good), str(mnt)).returncode == 0
     assert run_versionfs("log", str(mnt)).stdout == result.stdout  # a mount point stands for its source
-    assert_one_line_error(run_versionfs("log", str(tmp_path)), "not a versionfs mount")
+    assert_one_line_error(run_versionfs("log", str(tmp_path)), "not in a versionfs mount")
 
 
 def test_init(tmp_path, mount):
@@ -142,28 +150,40 @@ def test_init(tmp_path, mount):
 
 
 def test_demo(tmp_path):
-    result = run_versionfs("demo", str(tmp_path / "demo"))
-    mnt = tmp_path / "demo" / "mnt"
+    """Every command the demo prints runs as printed, in order, and does what it says."""
+    directory = tmp_path / "demo"
+    result = run_versionfs("demo", str(directory))
+    mnt = directory / "mnt"
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt)
-        assert str(mnt) in result.stdout and "diff -r" in result.stdout
-        assert f"{mnt}/staging/" in result.stdout and "versionfs commit" in result.stdout
-        assert version_dirs(mnt / "versions") == ["__first_version__", "2024-01", "2024-02", "2024-02-fix"]
-        diff = subprocess.run(["diff", "-r", str(mnt / "versions/2024-02"), str(mnt / "versions/2024-02-fix")], capture_output=True, text=True)
-        assert diff.returncode == 1 and "rain_mm.npy" in diff.stdout and "sunshine_h.npy" in diff.stdout
-        assert np.load(mnt / "@2024-03-02/daily/temperature.npy").shape == (60, 4)
-        assert np.load(mnt / "latest/daily/temperature.npy")[3, 1] == -2.5
-        # What it says to try under "History" and "As HDF5" works.
-        assert "history/daily/temperature.npy/" in result.stdout and "latest.h5" in result.stdout
-        assert [n.split("_", 2)[2] for n in sorted(os.listdir(mnt / "history/daily/rain_mm.npy"))] == [
-            "2024-01", "2024-02", "2024-02-fix_deleted"]
-        assert len(os.listdir(mnt / "history/daily/temperature.npy")) == 3
-        assert subprocess.run(["h5ls", "-r", str(mnt / "latest.h5")], capture_output=True).returncode == 0
-        h5diff = subprocess.run(["h5diff", str(mnt / "versions/2024-02.h5"), str(mnt / "versions/2024-02-fix.h5")],
-                                capture_output=True)
-        assert h5diff.returncode == 1
-        assert run_versionfs("umount", str(mnt)).returncode == 0
+        commands = [line[10:] for line in result.stdout.splitlines()[2:]]
+        assert len(commands) == 17 and all(line[:10].strip().endswith(":") or not line[:10].strip()
+                                           for line in result.stdout.splitlines()[2:])
+        outputs = {}
+        for command in commands:
+            run = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            differs = command.split()[0].endswith("diff") or " diff " in command
+            assert run.returncode == (1 if differs else 0), (command, run.stdout, run.stderr)
+            assert "Traceback" not in run.stderr and "versionfs: " not in run.stderr, (command, run.stderr)
+            outputs[command] = run.stdout
+        by_start = lambda text: next(out for cmd, out in outputs.items() if text in cmd)  # noqa: E731
+        assert "__first_version__" in by_start("/versions/") and "temperature.npy" in by_start("ls -R")
+        assert '"units": "degC"' in by_start("cat ")
+        assert "-2.5" in by_start("numpy.load")
+        assert "rain_mm.npy" in by_start("diff -r") and "sunshine_h.npy" in by_start("diff -r")
+        assert re.search(r"M daily/temperature\.npy\s+1 of 4 chunks", by_start("--stat"))
+        assert "version:    2024-02  (@1 of 3)" in by_start("show ")
+        assert len(by_start("history/daily").splitlines()) == 4  # total + three entries
+        assert [line.split()[:3] for line in by_start("log " + str(mnt) + "/latest").splitlines()] == [
+            ["A", "@0", "2024-01"], ["M", "@1", "2024-02"], ["M", "@2", "2024-02-fix"]]
+        assert "/daily/temperature" in by_start("h5ls") and "differences found" in by_start("h5diff")
+        assert by_start("status") == "M stations/names.txt\n"
+        log_lines = outputs[next(cmd for cmd in commands if cmd.endswith(f"log {mnt}"))].splitlines()
+        assert log_lines[-1].endswith("(current)  add Bern") and len(log_lines) == 4
+        assert not is_mounted(mnt)  # "Done" unmounted it
+        # Everything it made is in the demo directory.
+        assert sorted(os.listdir(directory)) == ["mnt", "state", "weather.h5"]
     finally:
         force_unmount(mnt, None)
 
@@ -171,3 +191,50 @@ def test_demo(tmp_path):
 def test_version_flag():
     result = run_versionfs("--version")
     assert result.returncode == 0 and result.stdout.startswith("versionfs ")
+
+
+COMMANDS = ["mount", "umount", "commit", "status", "discard", "rollback", "log", "show", "diff", "compact", "init",
+            "demo", "completion"]
+
+
+def test_help_reads_well():
+    top = run_versionfs("--help")
+    assert top.returncode == 0 and "SUPPRESS" not in top.stdout and "mount-helper" not in top.stdout
+    for command in COMMANDS:
+        assert f"    {command}" in top.stdout
+    assert "exit codes:" in top.stdout and "3    commit, rollback: a conflict" in top.stdout
+    wrong = run_versionfs("bogus")
+    assert_one_line_error(wrong, "invalid choice: 'bogus'", "versionfs --help")
+    assert wrong.returncode == 2 and "mount-helper" not in wrong.stderr and "SUPPRESS" not in wrong.stderr
+    for command in COMMANDS:
+        text = run_versionfs(command, "--help").stdout
+        assert "examples:\n  versionfs " + command in text and "exit codes" in text, command
+    mount_help = run_versionfs("mount", "--help").stdout
+    assert re.search(r"SOURCE\s+a versioned HDF5 file", mount_help) and re.search(r"MOUNTPOINT\s+an empty directory", mount_help)
+    assert re.search(r"MOUNTPOINT\s+a versionfs mount point, or any path inside one", run_versionfs("commit", "--help").stdout)
+    assert "0    no differences\n  1    the versions differ" in run_versionfs("diff", "--help").stdout
+
+
+def test_errors_name_the_cause(tmp_path, good, mount, mnt, moto_endpoint):
+    # A truncated file: said so (the old check took "sblock" for a lock).
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[: len(data) // 2])
+    for args in (["log", str(truncated)], ["mount", str(truncated), str(mnt)]):
+        assert_one_line_error(run_versionfs(*args), "truncated", "restore the whole file")
+        assert "lock" not in run_versionfs(*args).stderr
+    # A commit that another mount of the same file refuses.
+    writable = mount(good)
+    reader = mount(good, "-o", "ro")
+    (writable.path / "staging/new.txt").write_text("x\n")
+    refused = run_versionfs("commit", str(writable.path))
+    assert_one_line_error(refused, "another process has the file open", "unmount or close it", "staging is kept")
+    assert "FileBusy" not in refused.stderr
+    assert run_versionfs("umount", str(reader.path)).returncode == 0
+    assert run_versionfs("commit", str(writable.path)).returncode == 0
+    # A bucket that does not exist, or an endpoint that does not answer.
+    for args in (["init", "s3://missing-bucket"], ["log", "s3://missing-bucket"], ["mount", "s3://missing-bucket", str(mnt)]):
+        result = run_versionfs(*args, "--endpoint-url", moto_endpoint)
+        assert_one_line_error(result, "s3://missing-bucket", "no such bucket", "aws s3 mb")
+        assert "botocore" not in result.stderr and "NoSuchBucket" not in result.stderr
+    assert_one_line_error(run_versionfs("init", "s3://b", "--endpoint-url", "http://127.0.0.1:9"), "cannot reach", "endpoint")

@@ -30,6 +30,12 @@ def src(tmp_path):
 
 
 
+def daemon_argv(mnt: Path) -> list[str]:
+    pid = int(os.getxattr(mnt, "user.versionfs.pid"))
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
 def mount_options(path: Path) -> list[str]:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -234,3 +240,31 @@ def test_the_mount_reads_ahead_in_large_requests(src, mount):
     dev = os.stat(m.path).st_dev
     with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
         assert int(f.read()) == 8192  # root may raise it; FUSE's default is 128
+
+
+def test_fstab_takes_every_daemon_option(src, mnt, tmp_path, moto_endpoint):
+    """Every option of the options table, by its -o name, through the helper."""
+    from s3servers import make_client, make_versioned_bucket
+
+    env = {**os.environ, "VERSIONFS": VERSIONFS_BIN}
+    cache = tmp_path / "cache"
+    opts = f"allow_other,nofail,state_dir={tmp_path / 'st'},cache_dir={cache},cache_size=64M,autocommit=3600"
+    result = subprocess.run([str(HELPER), str(src), str(mnt), "-o", opts], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    argv = daemon_argv(mnt)
+    assert argv[argv.index("--cache-size") + 1] == str(64 << 20) and argv[argv.index("--autocommit") + 1] == "3600.0"
+    assert (mnt / "latest.h5").stat().st_size > 0  # builds the image, kept in cache_dir=
+    assert any(p.is_file() for p in cache.rglob("*"))
+    assert run_versionfs("umount", str(mnt)).returncode == 0
+    # endpoint_url=: an S3 source from fstab.
+    s3 = make_client(moto_endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="data/a.txt", Body=b"from fstab")
+    result = subprocess.run([str(HELPER), f"s3://{bucket}/data", str(mnt), "-o", f"ro,endpoint_url={moto_endpoint}"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (mnt / "latest/a.txt").read_bytes() == b"from fstab"
+    assert run_versionfs("umount", str(mnt)).returncode == 0
+    # A bad value is one line naming the option, and nothing is mounted.
+    bad = subprocess.run([str(HELPER), str(src), str(mnt), "-o", "cache_size=lots"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cache_size=lots" in bad.stderr and not is_mounted(mnt)

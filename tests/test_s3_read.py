@@ -151,7 +151,7 @@ def test_errors_never_show_credentials(moto, tmp_path):
     (tmp_path / "m").mkdir()
     env_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     result = run_versionfs("mount", "s3://no-such-bucket-here", str(tmp_path / "m"), "--endpoint-url", moto)
-    assert result.returncode == 1 and "NoSuchBucket" in result.stderr
+    assert result.returncode == 1 and "no such bucket" in result.stderr
     assert env_secret not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run_versionfs("log", "s3://no-such-bucket-here", "--endpoint-url", moto)
     assert result.returncode == 1 and env_secret not in result.stderr
@@ -222,5 +222,5 @@ def test_log_of_a_mount_point_uses_its_endpoint(moto, mount):
 def test_an_unreachable_endpoint_is_said_at_once(tmp_path):
     (tmp_path / "m").mkdir()
     result = run_versionfs("mount", "s3://bucket", str(tmp_path / "m"), "--endpoint-url", "http://127.0.0.1:9", timeout=60)
-    assert result.returncode == 1 and "Could not connect" in result.stderr
+    assert result.returncode == 1 and "cannot reach http://127.0.0.1:9" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -69,3 +69,26 @@ def test_ids():
     assert index.resolve(ById("id-b")) == "b" and index.resolve(ById("nope")) is None
     assert VersionIndex(["a"], t[:1]).resolve(ById("a")) is None  # no ids given: nothing by id
     assert not ById("x").is_relative()
+
+
+def test_times_whose_offset_leaves_the_calendar():
+    """Year 1 at +01:00 is before any UTC instant Python has; year 9999 at -01:00
+    after: before and after every version, never an OverflowError (the mount's EIO)."""
+    t = [dt.datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2)]
+    index = VersionIndex(["a", "b"], t)
+    early, late = parse("0001-01-01T00:30+01:00"), parse("9999-12-31T23:30-01:00")
+    assert isinstance(early, AsOf) and index.resolve(early) is None
+    assert isinstance(late, AsOf) and index.resolve(late) == "b"
+
+
+def test_choose_names_first_then_selectors():
+    from versionfs.selectors import choose
+
+    t = [dt.datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2, 3)]
+    index = VersionIndex(["v1", "-1", "v3"], t)
+    names = {"v1": "v1", "-1": "-1", "v3": "v3"}
+    assert choose("-1", index, names) == "-1"  # a real name wins
+    assert choose("@-1", index, names) == "v3"
+    assert choose("@2024-01-02", index, names) == choose("2024-01-02", index, names) == "-1"
+    assert choose("@2099-01-01", index, names) == "v3"  # the future: the latest
+    assert choose("nope", index, names) is None and choose("@0001-01-01T00:30+01:00", index, names) is None

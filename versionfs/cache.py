@@ -27,13 +27,16 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 import trio
 
 from .errors import StoreUnavailable
+from .options import DEFAULT_READAHEAD_BYTES  # the budget of all open files together (--readahead-memory)
 
-MIN_BLOCK = 1 << 20
-# Windows of a few MiB: large enough to amortise a thread hop and HDF5's
-# per-call cost, small enough that buffers are recycled by malloc instead of
-# being mapped and faulted in afresh every time.
-MAX_WINDOW_BYTES = 8 << 20
-DEFAULT_READAHEAD_BYTES = 512 << 20  # the budget of all open files together (--readahead-memory)
+MIN_BLOCK = 1 << 20  # blocks of about 1 MiB (whole chunk rows): one backend call each
+# The largest window of a local file: 16 MiB ahead keeps the disk busy with
+# several reads at once (measured against 8 and 32: bench/README.md).
+MAX_WINDOW_BYTES = 16 << 20
+# The kernel's read-ahead requests queue behind the reads it must answer first,
+# so they arrive out of order by up to what it reads ahead (8 MiB, see
+# daemon.READAHEAD_KB): reads that near the stream belong to it.
+KERNEL_REORDER = 8 << 20
 # A block the store could not give answers the requests for it that come this
 # soon after with the same failure: the kernel retries a failed read-ahead at
 # once, page by page, and each retry would wait the whole --store-timeout again.
@@ -166,8 +169,10 @@ class BlockReader:
         self._block = unit * max(1, MIN_BLOCK // unit) if unit <= max_window // 2 else MIN_BLOCK
         self._max_window = max(1, max_window // self._block)
         self._window = 1  # blocks wanted ahead of the reader
-        self._next_offset = 0
+        self._next_offset = 0  # where the sequential stream's reads have reached
+        self._alone_end = -1  # where the last read that was not sequential ended
         self._blocks: dict[int, memoryview] = {}
+        self._consumed: dict[int, int] = {}  # bytes of a held block read so far: all read, it goes
         self._pending: dict[int, _Pending] = {}
         self._held = 0  # bytes of blocks and pending fetches, counted in the budget
         self._generation = 0  # bumped when the reader drops what it holds
@@ -189,13 +194,17 @@ class BlockReader:
             return b""
         index = self._index(offset)
         self._echo_failure(index, self._index(end - 1))
-        # Sequential: where the last read ended, in a block held or on its way, or
-        # a little behind or within the window ahead (the kernel's read-ahead
-        # requests may arrive a little out of order).
-        expected = self._next_offset
-        sequential = (expected - self._block <= offset <= expected + self._window * self._block
+        # Sequential: in a block held or on its way, or within KERNEL_REORDER of
+        # where the stream's reads have reached, behind or ahead.
+        expected, slack = self._next_offset, max(self._block, KERNEL_REORDER)
+        sequential = (expected - slack <= offset <= expected + slack
                       or index in self._blocks or index in self._pending)
-        self._next_offset = max(expected, end) if sequential else end
+        if sequential:
+            self._next_offset = max(expected, end)
+        elif offset == self._alone_end:  # a new sequential stream, where a lone read ended
+            sequential, self._next_offset, self._window = True, end, 1
+        else:
+            self._alone_end, self._window = end, 1
         try:
             if not sequential:
                 return await self._read_alone(offset, end)
@@ -209,9 +218,9 @@ class BlockReader:
 
     async def _read_alone(self, offset: int, end: int) -> bytes | memoryview:
         """A read that is not sequential: exactly its bytes (the backend reads the
-        chunks they need), nothing kept, the window back to one block. Blocks
-        held stay until sequential reading resumes elsewhere (or the file is closed)."""
-        self._window = 1
+        chunks they need), nothing kept; the window is back to one block. The
+        stream's blocks stay (until read, or far behind); a read that starts where
+        this one ends begins a new stream."""
         return await self._fetch(offset, end - offset)
 
     async def _read_blocks(self, offset: int, end: int) -> bytes | memoryview:
@@ -245,12 +254,21 @@ class BlockReader:
             start = self._start(index)
             if not len(data):  # the file shrank under us: a short read, never a loop
                 break
-            parts.append(data[pos - start : end - start])
+            part = data[pos - start : end - start]
+            parts.append(part)
             pos = start + len(data)
-        self._drop_outside(first - 1, self._index(end) + self._max_window)
+            # The kernel asks for each page once, not always in order (its read-ahead
+            # queues behind reads it must answer first): a block goes once all of it was read.
+            self._consumed[index] = self._consumed.get(index, 0) + len(part)
+            if self._consumed[index] >= len(data):
+                self._drop(index)
+        frontier = self._index(max(end, self._next_offset))
+        self._drop_outside(frontier - 2 * self._max_window, frontier + self._max_window + 1)
         if waited:
             self._grow()
-        self._read_ahead(self._index(end))
+        # Ahead of where the stream has reached, not of this read: a request that
+        # arrives late must not fetch again blocks read already.
+        self._read_ahead(frontier)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _echo_failure(self, first: int, last: int) -> None:
@@ -338,12 +356,16 @@ class BlockReader:
         self._held -= n
         self._budget.release(n)
 
+    def _drop(self, index: int) -> None:
+        if self._blocks.pop(index, None) is not None:
+            self._give_back(self._length(index))
+        self._consumed.pop(index, None)
+
     def _drop_outside(self, lo: int, hi: int) -> None:
-        """Drop blocks before ``lo`` (read already) and from ``hi`` on (read ahead
-        for a position the reader left)."""
+        """Drop blocks before ``lo`` and from ``hi`` on: read ahead for a position
+        the reader left, or read only in part."""
         for i in [i for i in self._blocks if not lo <= i < hi]:
-            self._give_back(self._length(i))
-            del self._blocks[i]
+            self._drop(i)
 
     def _drop_all(self) -> None:
         """Forget every block and pending fetch (their bytes go back now; fetches
@@ -352,6 +374,7 @@ class BlockReader:
             self._budget.release(self._held)
         self._held = 0
         self._blocks.clear()
+        self._consumed.clear()
         self._pending.clear()
         self._generation += 1
 

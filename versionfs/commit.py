@@ -22,7 +22,7 @@ import trio
 from .backends.base import Change, Dir, File, Progress, find, join
 from .errors import CommitRefused, Conflict
 from .namespace import Namespace
-from .selectors import parse
+from .selectors import choose
 from .staging import RESERVED_ROOT_NAMES, Overlay, Row, copy_into
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,10 @@ def check_version_name(name: str, taken: set[str]) -> None:
 
 
 def default_version_name(taken: set[str], now: dt.datetime | None = None) -> str:
-    """``2024-01-15T10:30:00Z``, with ``-2``, ``-3``… if that second is taken."""
-    base = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2024-01-15T103000Z`` (ISO 8601's basic time: no ``:``, so the name needs
+    no escaping in a file name or a history/ entry), with ``-2``, ``-3``… if that
+    second is taken."""
+    base = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H%M%SZ")
     name, n = base, 1
     while name in taken:
         n += 1
@@ -230,9 +232,7 @@ class Committer:
                        progress: Progress | None = None) -> str | None:
         """Commit the content of the selected version as a new version (history is
         never rewritten). Returns the new version's name, or None if unchanged."""
-        text = selector[1:] if selector.startswith("@") else selector
-        parsed = parse(text)
-        info = self.ns.index.resolve(parsed) if parsed else self.ns.by_name.get(text)
+        info = choose(selector, self.ns.index, self.ns.by_name)
         if info is None:
             raise CommitRefused(f"no version matches {selector!r}")
         async with self.overlay.lock:

@@ -109,7 +109,7 @@ async def _answer(conn: "trio.socket.SocketType", handlers: dict[str, Handler]) 
             answer = {"ok": False, "error": str(e), "exit": exit_code(e)}
         except Exception as e:  # noqa: BLE001 - the daemon outlives any request
             log.exception("control request failed")
-            answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit": 1}
+            answer = {"ok": False, "error": f"internal error in the daemon: {e} (the traceback is in its log)", "exit": 1}
         # After every progress report already on its way from the worker.
         token.run_sync_soon(post, answer)
         token.run_sync_soon(send.close)

@@ -15,71 +15,37 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import pyfuse3
 import trio
 
 from . import control
-from .backends import DEFAULT_CACHE_BYTES, DEFAULT_STORE_TIMEOUT, open_backend
+from .backends import open_backend
 from .backends.base import Backend
-from .cache import give_back_big_buffers
-from .cache import DEFAULT_READAHEAD_BYTES, ReadAheadBudget
+from .cache import ReadAheadBudget, give_back_big_buffers
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
 from .errors import ControlError, UserError
 from .fs import VersionFS
+from .mounts import FSTYPE, mount_fstype
 from .namespace import Namespace
+from .options import OPTIONS, MountOptions
+from .selectors import choose
 from .staging import Overlay
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
-FSTYPE = "fuse.versionfs"
 XATTR_PID = "user.versionfs.pid"
 XATTR_SOURCE = "user.versionfs.source"
 XATTR_ENDPOINT = "user.versionfs.endpoint"
 
 
-@dataclass
-class MountOptions:
-    source: str
-    mountpoint: str
-    fuse_options: list[str] = field(default_factory=list)
-    debug: bool = False
-    state_dir: str | None = None
-    autocommit: float | None = None
-    endpoint_url: str | None = None
-    cache_dir: str | None = None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    readahead_bytes: int = DEFAULT_READAHEAD_BYTES
-    store_timeout: float = DEFAULT_STORE_TIMEOUT
-    poll: float | None = None  # seconds between looks for other writers' versions (None: the backend's; 0: never)
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.fuse_options
-
-
 def is_mountpoint(path: str) -> bool:
     return mount_fstype(path) is not None
-
-
-def mount_fstype(path: str) -> str | None:
-    """The file-system type mounted exactly at ``path``, from /proc/self/mountinfo."""
-    path = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-                if mnt == path:
-                    return fields[fields.index("-") + 1]
-    except OSError:
-        pass
-    return None
 
 
 def check_mountpoint(path: str) -> None:
@@ -107,6 +73,42 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+def fuse_mount(fs: VersionFS, mountpoint: str, options: set[str]) -> None:
+    """``pyfuse3.init``, with libfuse's reason for a refusal as the message: libfuse
+    writes it to file descriptor 2 and pyfuse3 raises only "fuse_session_new()
+    failed". What libfuse wrote on a success (``-o debug``) is passed on to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)
+        try:
+            pyfuse3.init(fs, mountpoint, options)
+            failure = None
+        except RuntimeError as e:
+            failure = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        text = said.read().decode(errors="replace")
+    if failure is not None:
+        raise UserError(fuse_refusal(mountpoint, text, str(failure)))
+    sys.stderr.write(text)
+
+
+def fuse_refusal(mountpoint: str, said: str, failure: str) -> str:
+    """One line for a mount that libfuse or fusermount3 refused."""
+    unknown = re.search(r"unknown option\(s\): `(.*)'", said)
+    if unknown:
+        names = [w for part in unknown[1].split() for w in part.removeprefix("-o").split(",") if w]
+        own = ", ".join(f"{o.name}=" for o in OPTIONS)
+        return (f"unknown mount option {', '.join(map(repr, names))}: versionfs takes {own}; "
+                "FUSE takes ro, allow_other, default_permissions, … (see mount.fuse3(8))")
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    reason = lines[-1].removeprefix("fuse: ") if lines else failure
+    return f"{mountpoint}: cannot mount: {reason}"
+
+
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` is called once
     the mount answers; ``ready(message)`` if it never will. Blocks."""
@@ -117,12 +119,12 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
-        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_bytes,
+        backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_size,
                               opts.store_timeout)
         worker.adopt(backend.execution)
         check_mountpoint(mountpoint)
         check_fuse_device()
-        namespace = Namespace(backend, worker, ReadAheadBudget(opts.readahead_bytes))
+        namespace = Namespace(backend, worker, ReadAheadBudget(opts.readahead_memory))
         worker.call(namespace.load)
         fs = VersionFS(namespace)
         namespace.root.info = {
@@ -138,7 +140,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
             namespace.overlay = overlay
             committer = Committer(namespace, overlay)
         namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
-        pyfuse3.init(fs, mountpoint, fuse_options(opts))
+        fuse_mount(fs, mountpoint, fuse_options(opts))
         mounted = True
         os.chdir("/")  # never keep a directory busy
         log.info("mounted %s on %s", backend.description, mountpoint)
@@ -147,7 +149,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         ready(str(e))
         raise
     except BaseException as e:
-        ready(f"{type(e).__name__}: {e}")
+        ready(f"internal error: {e} (the traceback is in the daemon's log)")
         raise
     finally:
         if mounted:
@@ -176,6 +178,11 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
             "errors": fs.failure_count,
         }
 
+    async def select(selector: str) -> dict | None:
+        """The version a SELECTOR argument names here (rollback says which)."""
+        info = choose(selector, namespace.index, namespace.by_name)
+        latest = namespace.current_info()
+        return None if info is None else {"name": info.name, "latest": latest is not None and info.name == latest.name}
     async def stats() -> dict:
         """What was built and what is kept (tests assert that listings build nothing)."""
         return {"built": dict(namespace.backend.counters), "kept": namespace.kept(), "rss_bytes": _rss_bytes()}
@@ -185,7 +192,7 @@ async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | Non
 
     async with trio.open_nursery() as nursery:
         namespace.spawn = nursery.start_soon
-        handlers = {"health": health, "stats": stats}
+        handlers = {"health": health, "stats": stats, "select": select}
         if committer is not None:
             handlers.update(commit=committer.commit, status=committer.status, discard=committer.discard,
                             rollback=committer.rollback)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import shlex
 import shutil
 import sys
 
@@ -14,9 +16,12 @@ UTC = dt.timezone.utc
 STATIONS = ["Zürich", "Genève", "Basel", "Lugano"]
 
 
-def make_demo_file(path: str) -> None:
-    """Three versions of a weather-station archive, a month apart."""
+def make_demo_file(path: str, state: str) -> None:
+    """Three versions of a weather-station archive, a month apart; a new file
+    starts with an empty staging (its state directory is the demo's own)."""
     from versioned_hdf5 import VersionedHDF5File
+
+    shutil.rmtree(state, ignore_errors=True)
 
     rng = np.random.default_rng(42)
     days = 31
@@ -48,32 +53,55 @@ def make_demo_file(path: str) -> None:
             g["daily"].create_dataset("sunshine_h", data=np.round(rng.uniform(0, 9, size=(60, len(STATIONS))), 1), chunks=(16, len(STATIONS)))
 
 
-def demo_paths(directory: str) -> tuple[str, str]:
+def demo_paths(directory: str) -> tuple[str, str, str]:
+    """The demo's file, mount point and state directory: all inside ``directory``."""
     directory = os.path.abspath(directory)
-    return os.path.join(directory, "weather.h5"), os.path.join(directory, "mnt")
+    return tuple(os.path.join(directory, name) for name in ("weather.h5", "mnt", "state"))  # type: ignore[return-value]
 
 
 def command_name() -> str:
     """``versionfs`` if that is on PATH, else the full path of this one."""
     here = os.path.join(os.path.dirname(sys.executable), "versionfs")
     if os.path.exists(here) and shutil.which("versionfs") != here:
-        return here
+        return shlex.quote(here)
     return "versionfs"
 
 
-def instructions(source: str, mnt: str) -> str:
-    versionfs = command_name()
-    return f"""\
-versionfs demo: {source} is mounted on {mnt}
+DIFFERS = ("diff", "h5diff")  # suggestions whose exit status 1 means "they differ", as it should
 
-Browse:   ls {mnt}/versions/ ; ls -R {mnt}/latest/ ; cat {mnt}/latest/.attrs.json
-          python3 -c "import numpy; print(numpy.load('{mnt}/latest/daily/temperature.npy')[:5])"
-Diff:     diff -r {mnt}/versions/2024-02 {mnt}/versions/2024-02-fix
-By time:  ls "{mnt}/@2024-03-02/daily"   (the version current on 2 March 2024)
-History:  ls -l {mnt}/history/daily/temperature.npy/ {mnt}/history/daily/rain_mm.npy/
-As HDF5:  h5ls -r {mnt}/latest.h5 ; h5diff {mnt}/versions/2024-02.h5 {mnt}/versions/2024-02-fix.h5
-Change:   cp {mnt}/latest/stations/names.txt /tmp/names.txt && echo Bern >> /tmp/names.txt
-          cp /tmp/names.txt {mnt}/staging/stations/names.txt && {versionfs} status {mnt}
-Commit:   {versionfs} commit {mnt} -m "add Bern" && {versionfs} log {mnt}
-Done:     {versionfs} umount {mnt}
-"""
+
+def suggestions(source: str, mnt: str) -> list[tuple[str, str]]:
+    """(label, command) pairs: each runs as printed, from anywhere, with what this
+    machine has (the venv's python, this versionfs), and writes only into the mount."""
+    versionfs, python, m = command_name(), shlex.quote(sys.executable), shlex.quote(mnt)
+    load = f"import numpy; print(numpy.load('{mnt}/latest/daily/temperature.npy')[:5])"
+    return [
+        ("Browse", f"ls {m}/versions/"),
+        ("", f"ls -R {m}/latest/"),
+        ("", f"cat {m}/latest/daily/.attrs.json"),
+        ("", f"{python} -c {_python_text(load)}"),
+        ("Diff", f"diff -r {m}/versions/2024-02 {m}/versions/2024-02-fix"),
+        ("", f"{versionfs} diff {m} 2024-02 2024-02-fix --stat"),
+        ("By time", f"ls {m}/@2024-03-02/daily"),
+        ("", f"{versionfs} show {m} @2024-03-02"),
+        ("History", f"ls -l {m}/history/daily/temperature.npy/"),
+        ("", f"{versionfs} log {m}/latest/daily/temperature.npy"),
+        ("As HDF5", f"h5ls -r {m}/latest.h5"),
+        ("", f"h5diff {m}/versions/2024-02.h5 {m}/versions/2024-02-fix.h5"),
+        ("Change", f"echo Bern >> {m}/staging/stations/names.txt"),
+        ("", f"{versionfs} status {m}"),
+        ("Commit", f'{versionfs} commit {m} -m "add Bern"'),
+        ("", f"{versionfs} log {m}"),
+        ("Done", f"{versionfs} umount {m}"),
+    ]
+
+
+def _python_text(code: str) -> str:
+    """The code as one shell word, in double quotes where that is safe (easier to read)."""
+    return f'"{code}"' if not re.search(r'["$`\\!]', code) else shlex.quote(code)
+
+
+def instructions(source: str, mnt: str) -> str:
+    lines = [f"versionfs demo: {source} is mounted on {mnt}", ""]
+    lines += [f"{label + ':' if label else '':<10}{command}" for label, command in suggestions(source, mnt)]
+    return "\n".join(lines) + "\n"

@@ -1,10 +1,10 @@
 """What ``mount.fuse.versionfs`` does with the arguments mount(8) gives it.
 
 mount(8) runs ``mount.fuse.versionfs SOURCE MOUNTPOINT [-sfnv] [-N NS] [-o OPTS]``.
-Options that are mount(8)'s or fstab's own business (``_netdev``, ``nofail``,
-``noauto``, ``auto``, ``user``, ``users``, ``defaults``, ``x-*``) are dropped;
-``state_dir=``, ``autocommit=``, ``endpoint_url=``, ``cache_dir=``,
-``cache_size=``, ``readahead_memory=``, ``store_timeout=`` and ``poll=`` become versionfs flags; everything else goes to FUSE as ``-o``.
+Options that are mount(8)'s or fstab's own business (``options.IGNORED``:
+``_netdev``, ``nofail``, ``noauto``, ``defaults``, …, and ``x-*``) are dropped;
+the rest go to ``versionfs mount -o``, which takes every option of the options
+table by its name (``state_dir=``, ``cache_size=``, …) and passes any other to FUSE.
 """
 
 from __future__ import annotations
@@ -12,12 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-IGNORED = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "defaults"})
-FLAGS = {
-    "state_dir": "--state-dir", "autocommit": "--autocommit", "endpoint_url": "--endpoint-url",
-    "cache_dir": "--cache-dir", "cache_size": "--cache-size", "readahead_memory": "--readahead-memory",
-    "store_timeout": "--store-timeout", "poll": "--poll",
-}
+from .options import IGNORED, split_words
 
 
 def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool]:
@@ -32,16 +27,8 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool]:
     p.add_argument("-N", dest="namespace")
     p.add_argument("-t", dest="type")
     args = p.parse_args(argv)
-    flags, fuse = [], []
-    for option in (o for group in args.options for o in group.split(",") if o):
-        name, _, value = option.partition("=")
-        if option in IGNORED or name.startswith("x-"):
-            continue
-        if name in FLAGS:
-            flags += [FLAGS[name], value]
-        else:
-            fuse.append(option)
-    command = ["mount", args.source, args.mountpoint, *flags]
-    if fuse:
-        command += ["-o", ",".join(fuse)]
+    kept = [o for o in split_words(args.options) if o not in IGNORED and not o.startswith("x-")]
+    command = ["mount", args.source, args.mountpoint]
+    if kept:
+        command += ["-o", ",".join(kept)]
     return command, args.fake

@@ -12,7 +12,7 @@ import bisect
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Generic, Sequence, TypeVar, Union
+from typing import Generic, Mapping, Sequence, TypeVar, Union
 
 UTC = dt.timezone.utc
 
@@ -75,7 +75,10 @@ def parse_time(text: str) -> dt.datetime | None:
         return None
     if instant.tzinfo is None:
         instant = instant.replace(tzinfo=UTC)
-    return instant.astimezone(UTC)
+    try:
+        return instant.astimezone(UTC)
+    except OverflowError:  # within an offset of year 1 or 9999: before or after any version
+        return (dt.datetime.min if instant.year == 1 else dt.datetime.max).replace(tzinfo=UTC)
 
 
 def parse(text: str) -> Selector | None:
@@ -119,6 +122,16 @@ class VersionIndex(Generic[T]):
             return None
         i = bisect.bisect_right(self._timestamps, selector.instant)
         return self.items[i - 1] if i else None
+
+
+def choose(text: str, index: VersionIndex[T], by_name: Mapping[str, T]) -> T | None:
+    """What the CLI's SELECTOR arguments mean: a version by its exact name first
+    (a real name always wins, as in ``history/``), else a selector, with or
+    without its ``@`` (``@-2``, ``2024-01-15``); None if neither matches."""
+    if text in by_name:
+        return by_name[text]
+    selector = parse(text[1:] if text.startswith("@") else text)
+    return index.resolve(selector) if selector is not None else None
 
 
 def format_utc(instant: dt.datetime) -> str:

@@ -33,6 +33,7 @@ class VersionInfo:
     attrs: Mapping[str, Any] = field(default_factory=lambda: NO_ATTRS)  # JSON-ready (shared when empty)
     # An empty version the format keeps for itself: listed, never selected.
     placeholder: bool = False
+    message: str | None = None  # the commit message (None: none, or the backend does not keep one per version)
 
     @property
     def mtime_ns(self) -> int:
@@ -89,6 +90,7 @@ class Revision:
     timestamp: dt.datetime  # aware, UTC
     time_label: str  # the time as history entry names show it (the store's precision)
     file: File | None  # None: deleted here (an S3 delete marker; HDF5: gone from this version)
+    version: str  # the name of the source's version in which this revision is first seen
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,19 @@ def find(root: Dir, path: str) -> Entry | None:
             return None
         entry = entry.children.get(name)
     return entry
+
+
+@dataclass(frozen=True)
+class FileDelta:
+    """How one file differs between two versions, as far as the store tells
+    without reading data (``versionfs diff``)."""
+
+    same: bool  # provably the same bytes
+    old_size: int | None = None  # None: not known without reading
+    new_size: int | None = None
+    changed_bytes: int | None = None  # at most this many bytes of the new file differ (None: not known)
+    chunks: tuple[int, int] | None = None  # (changed, total) chunks of the new file, where the format has chunks
+    notes: tuple[str, ...] = ()  # what else changed: "shape (31, 4) -> (60, 4)", "dtype <f8 -> <f4", …
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,11 @@ class Backend(Protocol):
     def fingerprint(self, ref: Any) -> Any:
         """Equal for two files of any versions exactly when their content is,
         computed without reading data where the format allows (conflict checks)."""
+
+    def file_delta(self, old: File, new: File) -> FileDelta:
+        """How the file ``new`` differs from ``old`` (of any two versions), from the
+        format's metadata (HDF5: shape, dtype, chunk mapping; S3: VersionIds and
+        stored checksums), never by reading their data."""
 
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -25,15 +26,15 @@ import numpy as np
 
 from .. import __version__, journal
 from ..cache import DiskCache, Lru
-from ..errors import SourceError
+from ..errors import CommitRefused, FileBusy, SourceError
 from ..logs import once
 from . import hdf5_chunks, hdf5_image, hdf5_raw, hdf5_write, npy
 from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, MESSAGE_ATTR, MTIME_ATTR, RAW_ATTR,
                           RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef, TextRef,
                           VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
-from .base import (NAME_MAX, Change, Dir, Execution, File, History, Progress, Revision, VersionInfo, canonical_json,
-                   compare_by_reading, join, safe_name, version_json)
+from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, History, Progress, Revision, VersionInfo,
+                   canonical_json, compare_by_reading, join, safe_name, version_json)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def open_file(path: str) -> h5py.File:
         # between neighbouring block reads.
         f = h5py.File(path, "r", rdcc_nbytes=64 << 20, rdcc_nslots=100_003)
     except OSError as e:
-        if "lock" in str(e).lower():
-            raise SourceError(f"{path}: in use by a writer (HDF5 file lock is taken)") from None
-        raise SourceError(f"{path}: cannot be opened: {e}") from None
+        raise open_failure(path, str(e)) from None
     try:
         if VERSIONS_GROUP not in f:
             raise SourceError(
@@ -108,6 +107,18 @@ def open_file(path: str) -> h5py.File:
     return f
 
 
+def open_failure(path: str, message: str) -> SourceError:
+    """HDF5's reason for not opening a file, said for people."""
+    if "unable to lock file" in message:
+        return SourceError(f"{path}: in use by a program writing it (HDF5's file lock is taken); close that program first")
+    truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", message)
+    if truncated:
+        return SourceError(f"{path}: truncated: {truncated[1]} of its {truncated[2]} bytes are there "
+                           "(a copy or transfer that stopped early?); restore the whole file")
+    reason = re.sub(r"^Unable to (?:synchronously )?open file \((.*)\)$", r"\1", message)
+    return SourceError(f"{path}: HDF5 cannot open it: {reason}")
+
+
 class HDF5Backend:
     """Versions of one versioned-HDF5 file (see the module docstring).
 
@@ -116,7 +127,7 @@ class HDF5Backend:
     under ``_lock`` (a commit holds it throughout: it closes and reopens the
     file), and chunks they read straight from the file need no lock at all."""
 
-    execution = Execution(serial=True, reads=4)
+    execution = Execution(serial=True, reads=8)  # reads wait on the disk or decode without the GIL
     names_versions = True
     poll_interval = None  # the file is locked while mounted: only our commits add versions
     image_ext = ".h5"  # each version is also one plain HDF5 file, X.h5 beside X/
@@ -171,6 +182,7 @@ class HDF5Backend:
                 previous=previous if previous else None,
                 attrs=attrs["user"],
                 placeholder=name == FIRST_VERSION,
+                message=attr_to_json(attrs[MESSAGE_ATTR]) if MESSAGE_ATTR in attrs else None,
             )
             self._committed[name] = infos[name]
 
@@ -417,7 +429,7 @@ class HDF5Backend:
                 if isinstance(entry, File) and isinstance(entry.ref, VersionFileRef):
                     entry = self._generated(self._version_file(entry.ref.version), entry.mtime_ns)
                 revisions.append(Revision(info.name, info.timestamp, format_utc(info.timestamp),
-                                          entry if state is not None else None))
+                                          entry if state is not None else None, info.name))
             previous = state
         return History(tuple(sorted(children)), tuple(revisions))
 
@@ -600,6 +612,29 @@ class HDF5Backend:
         virtual = [(f, n, v, s_) for f, n, v, s_ in hdf5_image.virtual_mapping(ds)]
         return (ds.shape, ds.dtype.str, repr(ds.fillvalue), virtual)
 
+    def file_delta(self, old: File, new: File) -> FileDelta:
+        """Chunks are content-addressed: a chunk of ``new`` whose place maps to
+        another raw chunk than in ``old`` (or that ``old`` does not have) changed;
+        counted from the two virtual mappings, no data read."""
+        if self.fingerprint(old.ref) == self.fingerprint(new.ref):
+            return FileDelta(True, old.size, new.size)
+        a, b = self._dataset(old.ref.h5path), self._dataset(new.ref.h5path)
+        notes = []
+        if a.shape != b.shape:
+            notes.append(f"shape {a.shape} -> {b.shape}")
+        if a.dtype != b.dtype:
+            notes.append(f"dtype {a.dtype.str} -> {b.dtype.str}")
+        if repr(a.fillvalue) != repr(b.fillvalue):
+            notes.append("fill value")
+        before = {tuple(map(tuple, place)): (raw, slot) for _, raw, place, slot in hdf5_image.virtual_mapping(a)}
+        after = [(tuple(map(tuple, place)), (raw, slot)) for _, raw, place, slot in hdf5_image.virtual_mapping(b)]
+        if not after:  # not chunked in the format (a scalar): the whole file
+            return FileDelta(False, old.size, new.size, new.size, None, tuple(notes))
+        changed = [place for place, source in after if before.get(place) != source]
+        fixed = file_kind(b.dtype) == "npy" or isinstance(new.ref, RawRef)
+        nbytes = sum(int(np.prod([hi - lo + 1 for lo, hi in zip(*place)])) for place in changed) * b.dtype.itemsize
+        return FileDelta(False, old.size, new.size, nbytes if fixed else None, (len(changed), len(after)), tuple(notes))
+
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:
         # The read handle holds a shared lock and h5py cannot have the file open
@@ -608,6 +643,9 @@ class HDF5Backend:
             self._close_file()
             try:
                 hdf5_write.commit(self.path, parent, changes, name, message, parent_tree, progress)
+            except FileBusy:
+                raise CommitRefused(f"{self.path}: another process has the file open (another versionfs mount of it, or a "
+                                    "program reading it with HDF5); unmount or close it, then commit again (staging is kept)") from None
             finally:
                 self.f = open_file(self.path)
                 self.raw = hdf5_raw.RawReader(self.path, self.f.id)

@@ -66,10 +66,17 @@ def chunk_index(ds: h5py.Dataset, file: h5py.File) -> ChunkIndex | None:
     """The index of a version's dataset, or None where this module cannot read it
     exactly (h5py then reads it). Blocking, needs h5py: call under the backend's lock."""
     dtype = ds.dtype
-    if not ds.is_virtual or ds.ndim == 0 or dtype.kind not in "biufc" or dtype.fields is not None:
+    if ds.ndim == 0 or dtype.kind not in "biufc" or dtype.fields is not None:
         return None
-    plist = ds.id.get_create_plist()
-    if plist.get_virtual_count() > MAX_MAPPINGS:
+    # Each copy of a virtual dataset's creation properties costs time in its number
+    # of mappings (seconds at 100k): first a look at how many chunks its raw_data
+    # (versioned-hdf5's /_version_data/<path>/raw_data) has, which costs nothing.
+    parts = ds.name.split("/", 4)  # "", "_version_data", "versions", <version>, <path>
+    if len(parts) == 5 and parts[1:3] == ["_version_data", "versions"]:
+        raw = file.get(f"/_version_data/{parts[4]}/raw_data")
+        if isinstance(raw, h5py.Dataset) and raw.chunks is not None and raw.id.get_num_chunks() > MAX_MAPPINGS:
+            return None
+    if not ds.is_virtual or ds._dcpl.get_virtual_count() > MAX_MAPPINGS:  # h5py's own copy, made once
         return None
     mapping = virtual_mapping(ds)
     names = {name for _, name, _, _ in mapping}

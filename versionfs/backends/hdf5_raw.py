@@ -404,7 +404,7 @@ def fill_value(body: bytes) -> bytes | None:
 
 def dataspace_shape(body: bytes) -> tuple[int, ...] | None:
     """The current dimensions of a dataspace message; None for a null dataspace."""
-    version, rank, flags = body[0], body[1], body[2]
+    version, rank = body[0], body[1]
     if version == 1:
         pos = 8
     elif version == 2:

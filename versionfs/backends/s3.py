@@ -31,7 +31,7 @@ from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
 from . import s3_data
-from .base import NAME_MAX, Change, Dir, Execution, File, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
+from .base import NAME_MAX, Change, Dir, Execution, File, FileDelta, History, Progress, Revision, VersionInfo, find, join, safe_name, to_ns
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -165,16 +165,10 @@ class S3Backend:
 
     # -- opening ----------------------------------------------------------------------
     def _check_versioning(self, probe: Any) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
         try:
             status = probe.get_bucket_versioning(Bucket=self.bucket).get("Status")
-        except NoCredentialsError:
-            raise SourceError(f"{self.description}: no AWS credentials (environment, ~/.aws or instance role)") from None
-        except ClientError as e:
-            raise SourceError(f"{self.description}: {e.response['Error'].get('Code')}: {e.response['Error'].get('Message')}") from None
-        except BotoCoreError as e:
-            raise SourceError(f"{self.description}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - said for people by bucket_failure
+            raise bucket_failure(self.description, self.bucket, e) from None
         if status != "Enabled":
             raise SourceError(
                 f"{self.description}: bucket versioning is {status or 'not enabled'}; versionfs needs it Enabled "
@@ -354,7 +348,8 @@ class S3Backend:
         if versions:
             digits = max(self._digits, fraction_digits([v.modified for v in versions]))
             revisions = tuple(
-                Revision(v.version_id, v.modified, version_name(v.modified, digits), None if v.deleted else _file(v))
+                Revision(v.version_id, v.modified, version_name(v.modified, digits), None if v.deleted else _file(v),
+                         version_name(v.modified, self._digits))
                 for v in reversed(versions)
             )
         return History(tuple(sorted(children)), revisions)
@@ -467,6 +462,18 @@ class S3Backend:
         if ref.etag and "-" not in ref.etag:
             return ("etag", ref.etag, ref.size)
         return ("version", ref.key, ref.version_id)
+
+    def file_delta(self, old: File, new: File) -> FileDelta:
+        """Same content when the object version is the same, or the ETags (MD5s,
+        or the same parts' MD5s) or the stored SHA-256s agree; else changed, by
+        how much is not known without reading (one HEAD per object, only where
+        the ETags cannot tell)."""
+        a, b = old.ref, new.ref
+        same = (a.key, a.version_id) == (b.key, b.version_id) or (a.size == b.size and a.etag and a.etag == b.etag)
+        if not same and a.size == b.size:
+            digests = [stored_sha256(self._head(r.key, r.version_id)) for r in (a, b)]
+            same = digests[0] is not None and digests[0] == digests[1]
+        return FileDelta(bool(same), a.size, b.size)
 
     # -- commits ------------------------------------------------------------------------
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
@@ -799,9 +806,41 @@ def guess_part_sizes(size: int, parts: int) -> list[int]:
 def enable_versioning(url: str, endpoint_url: str | None = None) -> str:
     """``versionfs init s3://bucket``: turn versioning on (creating nothing else)."""
     import boto3
+    from botocore.config import Config
 
     bucket, _ = parse_url(url)
-    client = boto3.client("s3", endpoint_url=endpoint_url)
-    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    # As the mount's probe: an endpoint that does not answer is said in seconds.
+    client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=s3_data.PROBE_TIMEOUT,
+        read_timeout=s3_data.PROBE_TIMEOUT))
+    try:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    except Exception as e:  # noqa: BLE001 - said for people by bucket_failure
+        raise bucket_failure(f"s3://{bucket}", bucket, e) from None
     return f"versioning enabled on s3://{bucket}"
+
+
+def bucket_failure(what: str, bucket: str, error: Exception) -> Exception:
+    """A store's refusal to open or set up a bucket, as one line that names the
+    cause and the fix (anything else is returned as it is)."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return SourceError(f"{what}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID, or use ~/.aws or an instance role)")
+    if isinstance(error, EndpointConnectionError):
+        where = urlparse(str(error.kwargs.get("endpoint_url", "")))
+        return SourceError(f"{what}: cannot reach {where.scheme}://{where.netloc}: is the endpoint right "
+                           "(--endpoint-url, endpoint_url=, AWS_ENDPOINT_URL) and the store up?")
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        message = error.response.get("Error", {}).get("Message") or ""
+        if code in ("NoSuchBucket", "404"):
+            return SourceError(f"{what}: no such bucket (create it first, e.g. aws s3 mb s3://{bucket}, then versionfs init s3://{bucket})")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
+            return SourceError(f"{what}: the store refuses these credentials ({code}): check AWS_PROFILE or the "
+                               "access key, and the bucket's policy")
+        return SourceError(f"{what}: the store refused: {code} {message}".rstrip())
+    if isinstance(error, BotoCoreError):
+        return SourceError(f"{what}: {error}")
+    return error
 

@@ -101,6 +101,12 @@ class Requests:
         stop = start + len(into)
         response = self.client.get_object(Bucket=bucket, Key=key, VersionId=version_id, Range=f"bytes={start}-{stop - 1}")
         body = response["Body"]
+        # The HTTP response under urllib3: its readinto receives straight into our
+        # buffer (urllib3's own readinto reads and then copies), which measured the
+        # least CPU and the least GIL held of every way tried (developer-notes/reads.md).
+        raw = getattr(body, "_raw_stream", None)
+        readinto = getattr(getattr(raw, "_fp", None), "readinto", None) or body.readinto
+        whole = False
         try:
             length = response.get("ContentLength")
             skip = 0
@@ -115,14 +121,18 @@ class Requests:
                 skip -= len(chunk)
             done = 0
             while done < len(into):
-                n = body.readinto(into[done:])
+                n = readinto(into[done:])
                 if not n:
                     raise ShortBody(f"asked for {len(into)} bytes at {start}, got {done}")
                 done += n
                 if done < len(into) and time.monotonic() > deadline:  # a body that trickles in
                     raise StoreUnavailable(f"s3://{bucket}/{key}: no answer from the store within {self.timeout:g}s")
+            whole = not skip and length == len(into)
         finally:
-            body.close()
+            if whole and hasattr(raw, "release_conn"):
+                raw.release_conn()  # read to its end: the connection serves the next request
+            else:
+                body.close()
 
 
 def _classified(attempt: Callable[[], T]) -> T:
