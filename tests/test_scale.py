@@ -181,7 +181,11 @@ def test_poll_sets_how_often_other_writers_are_looked_for(moto, mount):
 
 
 def test_poll_is_a_mount_option_too():
+    from versionfs import options
     from versionfs.mount_helper import mount_argv
 
-    assert mount_argv(["s3://b/p", "/mnt", "-o", "ro,poll=60"])[0] == ["mount", "s3://b/p", "/mnt", "--poll", "60", "-o", "ro"]
+    argv = mount_argv(["s3://b/p", "/mnt", "-o", "ro,poll=60,_netdev"])[0]
+    assert argv[:3] == ["mount", "s3://b/p", "/mnt"] and options.split_words(argv[argv.index("-o") + 1:]) == ["ro", "poll=60"]
+    assert options.from_arguments("s3://b/p", "/mnt", ["ro,poll=60"], {}).poll == 60
+    assert options.from_arguments("s3://b/p", "/mnt", ["poll=0"], {}).poll == 0
     assert run_versionfs("mount", "s3://b", "/nonexistent", "--poll", "-1").returncode == 2
