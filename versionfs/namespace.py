@@ -423,8 +423,7 @@ def history_listing(history: History) -> HistoryListing:
         entries[name] = (revision, shown)
     items = list(entries.items())
     index = selectors.VersionIndex(items, [r.timestamp for _, (r, _) in items], [r.version_id for _, (r, _) in items])
-    # The revisions live on in the entries: the listing keeps only the names below.
-    return HistoryListing(History(history.children, ()), entries, index)
+    return HistoryListing(history, entries, index)
 
 
 class Namespace:

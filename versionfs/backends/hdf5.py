@@ -167,7 +167,7 @@ class HDF5Backend:
             if name in self._committed:  # a committed version never changes: read it once
                 infos[name] = self._committed[name]
                 continue
-            attrs = self._attrs_of(address, f"/{VERSIONS_GROUP}/{name}", ("committed", "timestamp", "prev_version"))
+            attrs = self._attrs_of(address, f"/{VERSIONS_GROUP}/{name}", ("committed", "timestamp", "prev_version", MESSAGE_ATTR))
             if name != FIRST_VERSION and not attrs.get("committed", False):
                 continue  # a version a writer never finished: the library hides it too
             try:
