@@ -16,6 +16,7 @@ window. Re-reads are the kernel page cache's job (``keep_cache``).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
@@ -42,6 +43,28 @@ KERNEL_REORDER = 8 << 20
 FAILURE_ECHO = 1.0
 
 V = TypeVar("V")
+
+
+def give_back_big_buffers() -> None:
+    """Buffers over 1 MiB straight from mmap, so that a freed one (a build's
+    temporaries, a read window) goes back to the system: glibc otherwise raises
+    that threshold as big buffers are freed and keeps them in the heap, and the
+    daemon's memory would grow with what it once built, not with what it keeps."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def release_freed_memory() -> None:
+    """Give memory freed inside the heap back to the system (glibc's malloc_trim;
+    nothing elsewhere). After a big build its temporaries are freed but stay in
+    the process's heap, fragmented: the daemon's RSS would follow what it once
+    built, not what it keeps. Blocking, a few milliseconds."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Lru(Generic[V]):

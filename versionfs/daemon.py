@@ -7,7 +7,6 @@ usable (or why it is not), so ``versionfs mount`` returns only once it can be us
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -26,7 +25,7 @@ import trio
 from . import control
 from .backends import open_backend
 from .backends.base import Backend
-from .cache import ReadAheadBudget
+from .cache import ReadAheadBudget, give_back_big_buffers
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
 from .errors import ControlError, UserError
@@ -109,15 +108,6 @@ def fuse_refusal(mountpoint: str, said: str, failure: str) -> str:
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     reason = lines[-1].removeprefix("fuse: ") if lines else failure
     return f"{mountpoint}: cannot mount: {reason}"
-def give_back_big_buffers() -> None:
-    """Buffers over 1 MiB straight from mmap, so that a freed one (a build's
-    temporaries, a read window) goes back to the system: glibc otherwise raises
-    that threshold as big buffers are freed and keeps them in the heap, and the
-    daemon's memory would grow with what it once built, not with what it keeps."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:

@@ -25,7 +25,7 @@ import trio
 from . import selectors
 from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, Entry, File, FileMeta, History, Revision, VersionInfo,
                             find, join, to_ns)
-from .cache import BlockReader, Lru, ReadAheadBudget
+from .cache import BlockReader, Lru, ReadAheadBudget, release_freed_memory
 from .errors import FsError, enoent
 from .logs import once
 from .worker import Worker
@@ -43,6 +43,7 @@ SHORT_TTL = 1.0
 TREE_CACHE_ENTRIES = 100_000
 LISTING_CACHE_ENTRIES = 100_000
 HISTORY_CACHE_ENTRIES = 100_000
+BIG_BUILD = 0.1  # seconds: backend work that long is followed by giving freed memory back
 
 
 class Request:
@@ -512,7 +513,10 @@ def history_listing(history: History) -> HistoryListing:
             digest = hashlib.sha1(revision.version_id.encode()).hexdigest()[:16]
             name = f"{position:0{width}d}_{revision.time_label}_~{digest}{suffix}"
         mtime = to_ns(revision.timestamp)
-        shown = File(size=0, mtime_ns=mtime, content=b"") if revision.file is None else replace(revision.file, mtime_ns=mtime)
+        if revision.file is None:
+            shown = File(size=0, mtime_ns=mtime, content=b"")
+        else:  # (the same object where the time agrees: one kept per entry, not two)
+            shown = revision.file if revision.file.mtime_ns == mtime else replace(revision.file, mtime_ns=mtime)
         entries[name] = (revision, shown)
     items = list(entries.items())
     index = selectors.VersionIndex(items, [r.timestamp for _, (r, _) in items], [r.version_id for _, (r, _) in items])
@@ -602,8 +606,11 @@ class Namespace:
             running = self._running[key] = _Running(trio.Event())
 
             async def work() -> None:
+                started = time.monotonic()
                 try:
                     running.result = await outcome.acapture(self.worker.run, fn, *args)
+                    if time.monotonic() - started > BIG_BUILD:  # its temporaries go back to the system
+                        await trio.to_thread.run_sync(release_freed_memory)
                 finally:
                     del self._running[key]
                     running.done.set()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_BYTES = 64 << 20
 IMAGE_CACHE_BYTES = 256 << 20  # built images kept (metadata only: pages, 24 bytes a chunk)
 CHUNK_INDEX_BYTES = 128 << 20  # raw datasets' chunk indexes kept (about 40 bytes a chunk)
-OBJECT_CACHE_SIZE = 4096  # object headers kept, read (a few hundred bytes each)
+OBJECT_CACHE_SIZE = 1024  # object headers kept, read (about a KiB each)
 OPEN_DATASETS = 16  # datasets kept open for reads
 INDEX_CACHE_BYTES = 64 << 20  # chunk indexes of datasets read from their raw chunks
 
@@ -189,8 +189,7 @@ class HDF5Backend:
             if name in self._committed:  # a committed version never changes: read it once
                 infos[name] = self._committed[name]
                 continue
-            attrs = self._attrs_of(address, f"/{VERSIONS_GROUP}/{name}",
-                                   ("committed", "timestamp", "prev_version", MESSAGE_ATTR))
+            attrs = self._attrs_of(address, f"/{VERSIONS_GROUP}/{name}", ("committed", "timestamp", "prev_version", MESSAGE_ATTR))
             if name != FIRST_VERSION and not attrs.get("committed", False):
                 continue  # a version a writer never finished: the library hides it too
             try:

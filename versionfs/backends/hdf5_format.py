@@ -39,7 +39,7 @@ RESERVED_NAMES = frozenset({ATTRS_FILE, VERSION_FILE})
 EXTENSIONS = {"npy": ".npy", "text": ".txt", "raw": "", "link": ""}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NpyRef:
     """A fixed-size-dtype dataset shown as ``.npy``."""
 
@@ -54,7 +54,7 @@ class NpyRef:
         return len(self.header) + math.prod(self.shape) * self.dtype.itemsize
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TextRef:
     """A variable-length string or bytes dataset shown as line-oriented text."""
 
@@ -62,7 +62,7 @@ class TextRef:
     kind = "text"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """A whole version as one plain HDF5 file (``hdf5_image``)."""
 
@@ -70,7 +70,7 @@ class ImageRef:
     kind = "image"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VersionFileRef:
     """A version's ``.version.json`` where its bytes are made only when read
     (they name every renamed or hidden object of the whole version)."""
@@ -79,7 +79,7 @@ class VersionFileRef:
     kind = "version-file"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawRef:
     """A uint8 dataset holding the raw bytes of a staged file (README: Writing)."""
 

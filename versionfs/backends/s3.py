@@ -219,16 +219,19 @@ class S3Backend:
 
     # -- listing ----------------------------------------------------------------------
     def _remember_order(self, http_response: Any = None, **_: Any) -> None:
+        """Keep the listing's XML: the order of versions and delete markers is read
+        from it where a page has both (``_order``)."""
+        self._listing.body = http_response.content
+
+    @staticmethod
+    def _order(body: bytes) -> list[tuple[str, str]]:
         """(key, version id) in the order the listing's XML gives them."""
-        root = ET.fromstring(http_response.content)
         order = []
-        for element in root:
+        for element in ET.fromstring(body):
             tag = element.tag.rsplit("}", 1)[-1]
             if tag in ("Version", "DeleteMarker"):
-                key = element.findtext("{*}Key")
-                version_id = element.findtext("{*}VersionId")
-                order.append((key, version_id))
-        self._listing.order.append(order)
+                order.append((element.findtext("{*}Key"), element.findtext("{*}VersionId")))
+        return order
 
     def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[tuple[list[ObjectVersion], list[str]]]:
         """Each page of object versions and delete markers under ``prefix``, in
@@ -237,7 +240,7 @@ class S3Backend:
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
-            self._listing.order = []
+            self._listing.body = b""
             page = self.client.list_object_versions(**kwargs)
             self._count("list requests")
             found: dict[tuple[str, str], ObjectVersion] = {}
@@ -250,8 +253,13 @@ class S3Backend:
                 found[item["Key"], item["VersionId"]] = ObjectVersion(
                     item["Key"], item["VersionId"], item["LastModified"].astimezone(UTC), None, 0, True,
                 )
-            ordered = [found.pop(kv) for order in self._listing.order for kv in order if kv in found]
-            yield ordered + list(found.values()), [p["Prefix"] for p in page.get("CommonPrefixes", [])]  # unshown last
+            if page.get("DeleteMarkers") and page.get("Versions"):
+                # boto3 gives versions and delete markers apart: how they interleave is in the XML.
+                ordered = [found.pop(kv) for kv in self._order(self._listing.body) if kv in found]
+                listed = ordered + list(found.values())  # anything the XML did not show, last
+            else:
+                listed = list(found.values())  # one kind only: boto3 kept the listing's order
+            yield listed, [p["Prefix"] for p in page.get("CommonPrefixes", [])]
             if not page.get("IsTruncated"):
                 break
             # Both markers: one key's versions may span pages. A page that ends on a
