@@ -194,6 +194,36 @@ def test_compact(endpoint):
     assert run_versionfs("compact", "/tmp/x.h5").returncode == 1
 
 
+def protocol_members() -> set[str]:
+    """Every name the backend protocol declares (attributes and methods)."""
+    from versionfs.backends.base import Backend
+
+    declared = set(Backend.__annotations__) | {n for n, v in vars(Backend).items() if callable(v)}
+    return {n for n in declared if not n.startswith("_")}
+
+
+def test_backends_declare_the_whole_protocol(moto_endpoint, tmp_path):
+    """Each backend has every capability the rest asks of it (nothing is probed
+    for, nor guessed from a source's name); what compact needs is known before
+    a source is opened."""
+    from versionfs.backends import backend_class, create_source, open_backend
+
+    assert {"no_compaction", "duplicates", "remove_duplicate", "xattrs", "generated_names", "execution"} <= protocol_members()
+    bucket = make_versioned_bucket(make_client(moto_endpoint))
+    h5 = str(tmp_path / "new.h5")
+    create_source(h5)
+    for source, endpoint in ((f"s3://{bucket}", moto_endpoint), (h5, None)):
+        backend = open_backend(source, endpoint)
+        try:
+            missing = {n for n in protocol_members() if not hasattr(backend, n)}
+            assert not missing, f"{type(backend).__name__} lacks {missing}"
+            assert backend_class(source) is type(backend)
+            assert backend.duplicates() == []
+        finally:
+            backend.close()
+    assert backend_class(h5).no_compaction and backend_class(f"s3://{bucket}").no_compaction is None
+
+
 def test_rollback_on_s3(moto_endpoint, mount):
     s3 = make_client(moto_endpoint)
     bucket = make_versioned_bucket(s3)

@@ -13,10 +13,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from .backends import open_backend
+from .backends import backend_class, create_source, is_store_url, open_backend
 from .backends.base import Backend, Dir, File, FileDelta, VersionInfo, find, join
-from .daemon import XATTR_ENDPOINT, XATTR_SOURCE
-from .mounts import versionfs_mount_of
+from .mounts import XATTR_ENDPOINT, XATTR_SOURCE, versionfs_mount_of
 from .errors import SourceError, UserError
 from .namespace import history_listing
 from .selectors import VersionIndex, choose, format_utc, parse_time
@@ -33,7 +32,7 @@ class Location:
 
 def locate(given: str, endpoint_url: str | None = None) -> Location:
     """A source (``FILE.h5``, ``s3://…``), a mount point, or any path in a mount."""
-    if given.startswith("s3://"):
+    if is_store_url(given):
         return Location(given, endpoint_url)
     mountpoint = versionfs_mount_of(given)
     if mountpoint is None:
@@ -275,26 +274,12 @@ def _file_delta(backend: Backend, a: File, b: File) -> FileDelta:
 def init(source: str, endpoint_url: str | None = None) -> str:
     """Create an empty versioned HDF5 file (refusing an existing one), or enable
     versioning on a bucket."""
-    if source.startswith("s3://"):
-        from .backends.s3 import enable_versioning
-
-        return enable_versioning(source, endpoint_url)
-    import h5py
-    from versioned_hdf5 import VersionedHDF5File
-
-    if os.path.exists(source):
-        raise SourceError(f"{source}: already exists")
-    try:
-        with h5py.File(source, "x") as f:
-            VersionedHDF5File(f)
-    except OSError as e:
-        raise SourceError(f"{source}: cannot create: {e.strerror or e}") from None
-    return f"created {source}"
+    return create_source(source, endpoint_url)
 
 
 @dataclass(frozen=True)
 class Removal:
-    key: str  # s3://bucket/key
+    key: str  # where the store keeps it (s3://bucket/key)
     version_id: str
     modified: str
     same_as: str  # the version id it repeats
@@ -302,18 +287,20 @@ class Removal:
 
 
 def compact(source: str, dry_run: bool, endpoint_url: str | None = None) -> list[Removal]:
-    """S3: remove consecutive duplicate versions of each key."""
-    if not source.startswith("s3://"):
-        raise SourceError(f"{source}: compact is for S3 sources (an HDF5 file dedups its chunks already)")
+    """Remove consecutive duplicate versions of each file, where the source keeps
+    them (S3: of each key; the backend's ``no_compaction`` says why not)."""
+    refusal = backend_class(source).no_compaction
+    if refusal is not None:
+        raise SourceError(f"{source}: {refusal}")
     backend = open_backend(source, endpoint_url)
     try:
         backend.versions()
         out = []
-        for duplicate, kept in backend.duplicates():
+        for duplicate in backend.duplicates():
             if not dry_run:
-                backend.remove_version(duplicate)
-            out.append(Removal(f"s3://{backend.bucket}/{duplicate.key}", duplicate.version_id,
-                               short_utc(duplicate.modified), kept.version_id, not dry_run))
+                backend.remove_duplicate(duplicate)
+            out.append(Removal(duplicate.name, duplicate.version_id, short_utc(duplicate.modified),
+                               duplicate.same_as, not dry_run))
         return out
     finally:
         backend.close()

@@ -23,14 +23,14 @@ import pyfuse3
 import trio
 
 from . import control
-from .backends import open_backend
+from .backends import is_store_url, open_backend
 from .backends.base import Backend
 from .cache import ReadAheadBudget, give_back_big_buffers
 from .commit import Committer, finish_interrupted
 from .control import XATTR_CONTROL
 from .errors import ControlError, UserError
 from .fs import VersionFS
-from .mounts import FSTYPE, mount_fstype
+from .mounts import FSTYPE, XATTR_ENDPOINT, XATTR_PID, XATTR_SOURCE, mount_fstype
 from .namespace import Namespace
 from .options import OPTIONS, MountOptions
 from .selectors import choose
@@ -40,9 +40,6 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
-XATTR_PID = "user.versionfs.pid"
-XATTR_SOURCE = "user.versionfs.source"
-XATTR_ENDPOINT = "user.versionfs.endpoint"
 
 
 def is_mountpoint(path: str) -> bool:
@@ -121,7 +118,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     overlay: Overlay | None = None
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
-        source = opts.source if opts.source.startswith("s3://") else os.path.abspath(opts.source)
+        source = opts.source if is_store_url(opts.source) else os.path.abspath(opts.source)
         backend = worker.call(open_backend, source, opts.endpoint_url, cache_dir(opts.cache_dir), opts.cache_size,
                               opts.store_timeout)
         worker.adopt(backend.execution)

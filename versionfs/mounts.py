@@ -10,6 +10,10 @@ import re
 from .errors import UserError
 
 FSTYPE = "fuse.versionfs"
+# What a mount's root tells about it (the daemon publishes them; commands read them).
+XATTR_PID = "user.versionfs.pid"
+XATTR_SOURCE = "user.versionfs.source"
+XATTR_ENDPOINT = "user.versionfs.endpoint"
 
 
 def mounts() -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Counter, Mapping, Protocol, Union
+from typing import Any, Callable, Counter, Mapping, NamedTuple, Protocol, Union
 
 from ..selectors import format_utc
 
@@ -179,6 +179,17 @@ class Change:
     gid: int | None = None
 
 
+class Duplicate(NamedTuple):
+    """A stored version of a file whose content repeats the one before it
+    (``Backend.duplicates``): ``versionfs compact`` removes it."""
+
+    name: str  # where the store keeps it (s3://bucket/key)
+    version_id: str
+    modified: dt.datetime  # aware, UTC
+    same_as: str  # the version id of the version it repeats
+    ref: Any  # the backend's own handle (``Backend.remove_duplicate``)
+
+
 class Backend(Protocol):
     """What the namespace needs from a source of versions (all calls block)."""
 
@@ -196,6 +207,9 @@ class Backend(Protocol):
     # versioned file itself, not its path; S3: endpoint, bucket and prefix).
     identity: str
     spool_key: str  # names the spool (the state directory's staging/<hash of it>)
+    # Why ``versionfs compact`` has nothing to do on this kind of source (None: it
+    # removes what ``duplicates`` finds). A class attribute: read before opening.
+    no_compaction: str | None
 
     def versions(self) -> list[VersionInfo]:
         """Every version, oldest first."""
@@ -259,6 +273,13 @@ class Backend(Protocol):
         """Make ``changes`` on top of version ``parent`` a new version and return
         its name (``name``, where the backend names versions), reporting
         ``progress(files_done, files, bytes_done, bytes)`` as it goes."""
+
+    def duplicates(self) -> list[Duplicate]:
+        """Stored versions that repeat the one before them (``versionfs compact``;
+        [] where ``no_compaction`` is set)."""
+
+    def remove_duplicate(self, duplicate: Duplicate) -> None:
+        """Delete for good one stored version ``duplicates`` found."""
 
     def close(self) -> None: ...
 

@@ -33,7 +33,7 @@ from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR, MODE_ATTR,
                           MTIME_ATTR, NAME_ATTR, RAW_ATTR, RENAMED_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef,
                           TextRef, VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
-from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+from .base import (NAME_MAX, Change, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
                    VersionInfo, canonical_json, compare_by_reading, join, safe_name, version_json)
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,20 @@ def _stands_for(values: dict[str, Any], name: str) -> str:
     return stored if isinstance(stored, str) and stored and "/" not in stored else name
 
 
+def create_file(path: str) -> str:
+    """``versionfs init FILE.h5``: an empty versioned HDF5 file (never over an existing one)."""
+    from versioned_hdf5 import VersionedHDF5File
+
+    if os.path.exists(path):
+        raise SourceError(f"{path}: already exists")
+    try:
+        with h5py.File(path, "x") as f:
+            VersionedHDF5File(f)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot create: {e.strerror or e}") from None
+    return f"created {path}"
+
+
 class HDF5Backend:
     """Versions of one versioned-HDF5 file (see the module docstring).
 
@@ -142,6 +156,7 @@ class HDF5Backend:
     signature = None  # a version never changes once its name is listed
     generated_names = frozenset({VERSION_FILE})  # each version's .version.json
     edits_in_place = True  # hdf5_write reads only the chunk rows an in-place edit wrote
+    no_compaction = "compact is for S3 sources (an HDF5 file dedups its chunks already)"
 
     def __init__(self, path: str, cache: DiskCache | None = None):
         self.path = os.path.abspath(path)
@@ -811,6 +826,12 @@ class HDF5Backend:
         self._texts.clear()
         self.raw.close()
         self.f.close()
+
+    def duplicates(self) -> list[Duplicate]:
+        return []  # equal chunks are stored once (no_compaction)
+
+    def remove_duplicate(self, duplicate: Duplicate) -> None:
+        raise ValueError(f"{duplicate.name}: an HDF5 file has no duplicates to remove")
 
     def close(self) -> None:
         self._close_file()

@@ -33,7 +33,7 @@ from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
 from . import s3_data
-from .base import (NAME_MAX, Change, Dir, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+from .base import (NAME_MAX, Change, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
                    VersionInfo, find, join, safe_name, to_ns)
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class S3Backend:
     list_page = 1000  # entries per ListObjectVersions page (the store's maximum)
     generated_names: frozenset[str] = frozenset()  # every key is an ordinary file (.version.json too)
     edits_in_place = False  # an upload sends the whole file
+    no_compaction = None  # a key's consecutive equal versions can go (versionfs compact)
     commit_parallel = 16  # writes of a commit in flight at once
     multipart_threshold = MULTIPART_THRESHOLD  # larger files are uploaded in parts
     part_size = PART_SIZE
@@ -521,6 +522,9 @@ class S3Backend:
         parts = int(etag.rsplit("-", 1)[1])
         return any(multipart_etag(local, size) == etag for size in guess_part_sizes(ref.size, parts))
 
+    def image(self, version: str) -> File:
+        raise ValueError(f"{self.description}: no single-file form of a version (image_ext is None)")
+
     def fingerprint(self, ref: S3Ref) -> Any:
         # A version id names one immutable content; so does an MD5 ETag with its size.
         if ref.etag and "-" not in ref.etag:
@@ -789,9 +793,9 @@ class S3Backend:
         return answer.get("VersionId")
 
     # -- compact -----------------------------------------------------------------------
-    def duplicates(self) -> list[tuple[ObjectVersion, ObjectVersion]]:
-        """(duplicate, the version it repeats): object versions whose content equals
-        the key's previous version, never across a delete marker (one whole listing)."""
+    def duplicates(self) -> list[Duplicate]:
+        """Object versions whose content equals the key's previous version, never
+        across a delete marker (one whole listing)."""
         out = []
         for versions in self._by_key_newest_first(self._list(self.prefix)[0]).values():
             previous: ObjectVersion | None = None
@@ -799,7 +803,8 @@ class S3Backend:
                 if version.deleted:
                     previous = None
                 elif previous is not None and self._same_object(previous, version):
-                    out.append((version, previous))  # keep the first of a run
+                    out.append(Duplicate(f"s3://{self.bucket}/{version.key}", version.version_id, version.modified,
+                                         previous.version_id, version))  # keep the first of a run
                 else:
                     previous = version
         return out
@@ -815,8 +820,9 @@ class S3Backend:
     def _head(self, key: str, version_id: str) -> dict[str, Any]:
         return self.client.head_object(Bucket=self.bucket, Key=key, VersionId=version_id, ChecksumMode="ENABLED")
 
-    def remove_version(self, version: ObjectVersion) -> None:
+    def remove_duplicate(self, duplicate: Duplicate) -> None:
         """Delete one object version for good (compact only)."""
+        version: ObjectVersion = duplicate.ref
         self.client.delete_object(Bucket=self.bucket, Key=version.key, VersionId=version.version_id)
 
     def close(self) -> None:
