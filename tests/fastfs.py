@@ -20,11 +20,8 @@ import pyfuse3
 import trio
 
 from versionfs.backends import open_backend
-from versionfs.commit import Committer
+from versionfs.daemon import assemble
 from versionfs.errors import FsError
-from versionfs.fs import VersionFS
-from versionfs.namespace import Namespace
-from versionfs.staging import Overlay
 from versionfs.worker import Worker
 
 
@@ -73,13 +70,12 @@ class FastFS:
         self.open_overlay()
 
     def open_overlay(self) -> None:
-        self.ns = Namespace(self.backend, self.worker)
-        self.worker.call(self.ns.load)
-        self.overlay = Overlay(self.ns, self.state)
-        self.ns.overlay = self.overlay
-        self.fs = VersionFS(self.ns)
+        """The parts as the daemon puts them together (``assemble``)."""
+        mount = assemble(self.backend, self.worker, self.state)
+        self.ns, self.fs = mount.namespace, mount.fs
+        assert mount.overlay is not None and mount.committer is not None
+        self.overlay, self.committer = mount.overlay, mount.committer
         self.ns.listeners.clear()  # no kernel to tell about new versions
-        self.committer = Committer(self.ns, self.overlay)
 
     def remount(self) -> None:
         """As after an unmount and a mount: everything from the spool again."""

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import pyfuse3
 import trio
@@ -107,6 +108,42 @@ def fuse_refusal(mountpoint: str, said: str, failure: str) -> str:
     return f"{mountpoint}: cannot mount: {reason}"
 
 
+@dataclass
+class Mount:
+    """A mount's parts, put together by ``assemble``."""
+
+    namespace: Namespace
+    fs: VersionFS  # the FUSE handlers
+    overlay: Overlay | None  # staging/ (None: a read-only mount)
+    committer: Committer | None
+
+    def close(self) -> None:
+        if self.overlay is not None:
+            self.overlay.store.close()
+
+
+def assemble(backend: Backend, worker: Worker, spool: str | None, root_xattrs: Mapping[str, bytes] | None = None,
+             readahead: ReadAheadBudget | None = None) -> Mount:
+    """The one place a mount is put together from its parts: the namespace over
+    ``backend`` (its version list read), with staging/ on the spool directory
+    ``spool`` (None: read-only) once a commit the last daemon left unfinished is
+    finished, and the FUSE handlers over it. Blocks (call before serving)."""
+    namespace = Namespace(backend, worker, readahead, root_xattrs or {})
+    worker.call(namespace.load)
+    overlay = committer = None
+    if spool is not None:
+        overlay = Overlay(namespace, spool)
+        try:
+            finish_interrupted(overlay, set(namespace.by_name))
+            overlay.check_source(backend.identity, backend.description)
+        except BaseException:
+            overlay.store.close()
+            raise
+        namespace.overlay = overlay  # the namespace shows it as staging/
+        committer = Committer(namespace, overlay)
+    return Mount(namespace, VersionFS(namespace), overlay, committer)
+
+
 def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` is called once
     the mount answers; ``ready(message)`` if it never will. Blocks."""
@@ -115,7 +152,7 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
     backend: Backend | None = None
     mounted = False
     lock: SpoolLock | None = None
-    overlay: Overlay | None = None
+    mount: Mount | None = None
     try:
         mountpoint = os.path.abspath(opts.mountpoint)
         source = opts.source if is_store_url(opts.source) else os.path.abspath(opts.source)
@@ -124,30 +161,23 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         worker.adopt(backend.execution)
         check_mountpoint(mountpoint)
         check_fuse_device()
-        namespace = Namespace(backend, worker, ReadAheadBudget(opts.readahead_memory))
-        worker.call(namespace.load)
-        fs = VersionFS(namespace)
-        namespace.root.info = {
+        root_xattrs = {
             XATTR_PID: str(os.getpid()).encode(),
             XATTR_SOURCE: os.fsencode(backend.description),
+            XATTR_CONTROL: os.fsencode(control.socket_path(mountpoint)),
         }
         if opts.endpoint_url:
-            namespace.root.info[XATTR_ENDPOINT] = opts.endpoint_url.encode()
-        committer = None
+            root_xattrs[XATTR_ENDPOINT] = opts.endpoint_url.encode()
+        spool = None
         if not opts.read_only:
-            directory = spool_dir(opts.state_dir, backend)
-            lock = SpoolLock(directory, mountpoint)  # one writable mount per source and state directory
-            overlay = Overlay(namespace, directory)
-            finish_interrupted(overlay, set(namespace.by_name))
-            overlay.check_source(backend.identity, backend.description)
-            namespace.overlay = overlay
-            committer = Committer(namespace, overlay)
-        namespace.root.info[XATTR_CONTROL] = os.fsencode(control.socket_path(mountpoint))
-        fuse_mount(fs, mountpoint, fuse_options(opts))
+            spool = spool_dir(opts.state_dir, backend)
+            lock = SpoolLock(spool, mountpoint)  # one writable mount per source and state directory
+        mount = assemble(backend, worker, spool, root_xattrs, ReadAheadBudget(opts.readahead_memory))
+        fuse_mount(mount.fs, mountpoint, fuse_options(opts))
         mounted = True
         os.chdir("/")  # never keep a directory busy
         log.info("mounted %s on %s", backend.description, mountpoint)
-        trio.run(_serve, namespace, fs, committer, opts, mountpoint, ready)
+        trio.run(_serve, mount, opts, mountpoint, ready)
     except UserError as e:
         ready(str(e))
         raise
@@ -158,8 +188,8 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         if mounted:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", opts.mountpoint)
-        if overlay is not None:
-            overlay.store.close()
+        if mount is not None:
+            mount.close()
         if lock is not None:
             lock.release()
         if backend is not None:
@@ -167,13 +197,13 @@ def serve(opts: MountOptions, ready: Callable[[str | None], None]) -> None:
         worker.close()
 
 
-async def _serve(namespace: Namespace, fs: VersionFS, committer: Committer | None, opts: MountOptions,
-                 mountpoint: str, ready: Callable[[str | None], None]) -> None:
+async def _serve(mount: Mount, opts: MountOptions, mountpoint: str, ready: Callable[[str | None], None]) -> None:
+    namespace, fs, committer = mount.namespace, mount.fs, mount.committer
     started = time.monotonic()
 
     async def health() -> dict:
         latest = namespace.current_info()
-        overlay = namespace.overlay
+        overlay = mount.overlay
         return {
             "pid": os.getpid(),
             "source": namespace.backend.description,

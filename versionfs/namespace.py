@@ -16,14 +16,14 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Mapping
 from urllib.parse import quote, unquote
 
 import outcome
 import trio
 
 from . import selectors
-from .backends.base import (LINK_MAX, NAME_MAX, Backend, Dir, Entry, File, FileMeta, History, Revision, VersionInfo,
+from .backends.base import (LINK_MAX, NAME_MAX, NO_ATTRS, Backend, Dir, Entry, File, FileMeta, History, Revision, VersionInfo,
                             find, join, to_ns)
 from .cache import BlockReader, Lru, ReadAheadBudget, release_freed_memory
 from .errors import FsError, enoent
@@ -379,9 +379,9 @@ class Root(Node):
     ttl = SHORT_TTL
     key = ("root",)
 
-    def __init__(self, ns: "Namespace"):
+    def __init__(self, ns: "Namespace", info: Mapping[str, bytes]):
         self.ns = ns
-        self.info: dict[str, bytes] = {}  # xattrs the daemon publishes (pid, source)
+        self.info = info  # xattrs the daemon publishes (pid, source, control socket)
 
     async def attr(self) -> Attr:
         # "." and "..", then versions/ and history/, and latest/ and staging/ where they exist
@@ -527,14 +527,15 @@ class Namespace:
     """The mount's layout over one backend. Call ``await reload()`` after the
     version list may have changed; it returns the root names to invalidate."""
 
-    def __init__(self, backend: Backend, worker: Worker, readahead: ReadAheadBudget | None = None):
+    def __init__(self, backend: Backend, worker: Worker, readahead: ReadAheadBudget | None = None,
+                 root_xattrs: Mapping[str, bytes] = NO_ATTRS):
         self.backend, self.worker = backend, worker
         # One bound on the read-ahead of every open file together (--readahead-memory).
         self.readahead = readahead if readahead is not None else ReadAheadBudget()
         self._trees: Lru[Dir] = Lru(TREE_CACHE_ENTRIES, weight=_tree_size)
         self._listings: Lru[dict[str, Entry]] = Lru(LISTING_CACHE_ENTRIES, weight=len)
         self._running: dict[Hashable, _Running] = {}  # backend work under way, by what it makes
-        self.root = Root(self)
+        self.root = Root(self, root_xattrs)
         self.versions_dir = VersionsDir(self)
         self.all_versions: list[VersionInfo] = []
         self.by_name: dict[str, VersionInfo] = {}
