@@ -371,7 +371,7 @@ def _stat_text(delta: Any) -> str:
         return ""
     parts = []
     if delta.chunks is not None:
-        parts.append(f"{delta.chunks[0]} of {delta.chunks[1]} chunks")
+        parts.append(f"{delta.chunks.changed} of {delta.chunks.total} chunks")
     if delta.changed_bytes is not None:
         parts.append(f"{_size_text(delta.changed_bytes)} changed")
     if delta.old_size != delta.new_size:

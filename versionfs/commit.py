@@ -207,7 +207,7 @@ class Committer:
         for row in [r for r in store.rows.values() if r.fill_limit is not None and r.blob is not None]:
             if not everything and self.ns.backend.edits_in_place and row.tracked and row.origin == row.path:
                 entry = find(base, row.path)
-                header = entry.layout[0] if isinstance(entry, File) else 0
+                header = entry.layout.start if isinstance(entry, File) else 0
                 if all(start >= header for start, _ in store.written(row.blob)):
                     continue
             await self.overlay.fill(row)

@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import sys
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -53,10 +54,17 @@ def make_demo_file(path: str, state: str) -> None:
             g["daily"].create_dataset("sunshine_h", data=np.round(rng.uniform(0, 9, size=(60, len(STATIONS))), 1), chunks=(16, len(STATIONS)))
 
 
-def demo_paths(directory: str) -> tuple[str, str, str]:
-    """The demo's file, mount point and state directory: all inside ``directory``."""
+class DemoPaths(NamedTuple):
+    """The demo's places: all inside one directory."""
+
+    source: str  # the versioned HDF5 file
+    mountpoint: str
+    state: str  # the state directory
+
+
+def demo_paths(directory: str) -> DemoPaths:
     directory = os.path.abspath(directory)
-    return tuple(os.path.join(directory, name) for name in ("weather.h5", "mnt", "state"))  # type: ignore[return-value]
+    return DemoPaths(*(os.path.join(directory, name) for name in ("weather.h5", "mnt", "state")))
 
 
 def command_name() -> str:

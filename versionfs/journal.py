@@ -37,6 +37,7 @@ import json
 import os
 import struct
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from .errors import FileBusy, JournalRefused
 
@@ -68,6 +69,13 @@ class Identity:
         return cls(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _head(fd, st.st_size))
 
 
+class Undo(NamedTuple):
+    """One journaled block: what undoing the commit writes back."""
+
+    offset: int
+    old: bytes  # the block's bytes before the commit
+
+
 @dataclass(frozen=True)
 class Journal:
     """A parsed journal: the identity, and for a complete one what replaced it."""
@@ -76,7 +84,7 @@ class Journal:
     complete: bool
     new_size: int = 0
     new_head: str = ""
-    records: tuple[tuple[int, bytes], ...] = ()
+    records: tuple[Undo, ...] = ()
 
 
 def journal_path(path: str) -> str:
@@ -97,7 +105,7 @@ def header(identity: Identity) -> bytes:
     return MAGIC + _part(doc) + hashlib.sha256(doc).digest()
 
 
-def complete(identity: Identity, records: list[tuple[int, bytes]], new_size: int, new_head: str) -> bytes:
+def complete(identity: Identity, records: list[Undo], new_size: int, new_head: str) -> bytes:
     """A whole journal: the header, the old bytes of every block about to be
     overwritten, the new size and first block, a checksum of all that, a trailer."""
     body = bytearray(header(identity))
@@ -158,7 +166,7 @@ def _complete(identity: Identity, data: bytes, pos: int, body_end: int) -> Journ
                 offset + length > identity.size or pos + length > body_end:
             raise JournalRefused(f"a record ({length} bytes at {offset}) is not one of the file's "
                                  f"{identity.size} bytes as they were")
-        records.append((offset, data[pos : pos + length]))
+        records.append(Undo(offset, data[pos : pos + length]))
         previous, pos = offset, pos + length
     if len(records) != count or new_size < 0:
         raise JournalRefused("its records do not add up")
@@ -250,7 +258,7 @@ class JournaledFile:
         self.path = path
         self.fd, self._jfd = _lock(path), -1
         self._shadow: dict[int, bytearray] = {}
-        self._undo: list[tuple[int, bytes]] = []
+        self._undo: list[Undo] = []
         self.failure: OSError | None = None  # the first write to the file that failed
         self._spilled: dict[int, bytearray] = {}  # blocks written after it (see _spill_write)
         try:
@@ -401,7 +409,7 @@ class JournaledFile:
     def commit(self) -> None:
         """Make the new content durable, atomically (see the module docstring)."""
         self.check()
-        records = [(i * BLOCK, os.pread(self.fd, len(self._shadow[i]), i * BLOCK)) for i in sorted(self._shadow)]
+        records = [Undo(i * BLOCK, os.pread(self.fd, len(self._shadow[i]), i * BLOCK)) for i in sorted(self._shadow)]
         new_head = hashlib.sha256(self._read(0, min(BLOCK, self.size))).hexdigest()
         _write_all(self._jfd, complete(self.identity, records, self.size, new_head))
         os.fsync(self._jfd)

@@ -10,14 +10,18 @@ table by its name (``state_dir=``, ``cache_size=``, …) and passes any other to
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .options import IGNORED, split_words
 
 
-def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool]:
-    """The ``versionfs`` arguments for a mount(8) helper call, and whether the
-    call is a dry run (``-f``: mount(8)'s "fake")."""
+class HelperCall(NamedTuple):
+    argv: list[str]  # the ``versionfs`` arguments
+    fake: bool  # a dry run (``-f``: mount(8)'s "fake")
+
+
+def mount_argv(argv: Sequence[str]) -> HelperCall:
+    """What a mount(8) helper call asks of ``versionfs``."""
     p = argparse.ArgumentParser(prog="mount.fuse.versionfs", add_help=False)
     p.add_argument("source")
     p.add_argument("mountpoint")
@@ -31,4 +35,4 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool]:
     command = ["mount", args.source, args.mountpoint]
     if kept:
         command += ["-o", ",".join(kept)]
-    return command, args.fake
+    return HelperCall(command, args.fake)

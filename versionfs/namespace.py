@@ -16,7 +16,7 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple
 from urllib.parse import quote, unquote
 
 import outcome
@@ -453,9 +453,9 @@ class HistoryDir(Node):
         # Real names first: a file or directory named "@…" stays reachable.
         entry = listing.entries.get(name)
         if entry is not None:
-            if entry[1].may_be_link:
-                await self.ns.file_meta_soon(entry[1])
-            return self.ns.file_node(("history-file", self.path, name), entry[1], own_mtime=False)
+            if entry.file.may_be_link:
+                await self.ns.file_meta_soon(entry.file)
+            return self.ns.file_node(("history-file", self.path, name), entry.file, own_mtime=False)
         if name in listing.history.children:
             return HistoryDir(self.ns, join(self.path, name))
         selector = selectors.parse(name[1:]) if name.startswith("@") else None
@@ -469,17 +469,17 @@ class HistoryDir(Node):
 
     async def children(self) -> list[tuple[str, Node]]:
         listing = await self.ns.history(self.path)
-        await self.ns.link_metas(entry for _, entry in listing.entries.values())
+        await self.ns.link_metas(entry.file for entry in listing.entries.values())
         out: list[tuple[str, Node]] = [(n, HistoryDir(self.ns, join(self.path, n))) for n in listing.history.children]
-        out += [(n, self.ns.file_node(("history-file", self.path, n), entry, own_mtime=False))
-                for n, (_, entry) in listing.entries.items() if n not in listing.history.children]
+        out += [(n, self.ns.file_node(("history-file", self.path, n), entry.file, own_mtime=False))
+                for n, entry in listing.entries.items() if n not in listing.history.children]
         return out
 
 
 class HistoryLink(Node):
     """``@<selector>`` in a history directory: a symlink to the entry it selects."""
 
-    def __init__(self, key: Hashable, target: tuple[str, tuple[Revision, File]], ttl: float):
+    def __init__(self, key: Hashable, target: tuple[str, HistoryEntry], ttl: float):
         self.key, self.ttl = key, ttl
         self.target, (self.revision, _) = target
 
@@ -490,21 +490,28 @@ class HistoryLink(Node):
         return self.target
 
 
+class HistoryEntry(NamedTuple):
+    """One entry of ``history/<path>/`` (one per revision: kept in bulk, as small as a tuple)."""
+
+    revision: Revision
+    file: File  # the file shown: the revision's, with its time as mtime (empty for a deletion)
+
+
 @dataclass(frozen=True)
 class HistoryListing:
     """A ``History`` with its entries' names and files, and its selector index
     (made in one place)."""
 
     history: History
-    entries: dict[str, tuple[Revision, File]]  # name -> (revision, the file shown; mtime = its time)
-    index: selectors.VersionIndex[tuple[str, tuple[Revision, File]]]
+    entries: dict[str, HistoryEntry]  # by entry name
+    index: selectors.VersionIndex[tuple[str, HistoryEntry]]  # (entry name, entry) items
 
 
 def history_listing(history: History) -> HistoryListing:
     """Entry names ``NNNN_<time>_<id>`` (``…_deleted`` for a deletion); the id is
     percent-encoded so that any VersionId is one safe name (README: history/)."""
     width = max(4, len(str(len(history.revisions) - 1)))
-    entries: dict[str, tuple[Revision, File]] = {}
+    entries: dict[str, HistoryEntry] = {}
     for position, revision in enumerate(history.revisions):
         id_text = quote(revision.version_id, safe="-._~")
         suffix = "_deleted" if revision.file is None else ""
@@ -517,7 +524,7 @@ def history_listing(history: History) -> HistoryListing:
             shown = File(size=0, mtime_ns=mtime, content=b"")
         else:  # (the same object where the time agrees: one kept per entry, not two)
             shown = revision.file if revision.file.mtime_ns == mtime else replace(revision.file, mtime_ns=mtime)
-        entries[name] = (revision, shown)
+        entries[name] = HistoryEntry(revision, shown)
     items = list(entries.items())
     index = selectors.VersionIndex(items, [r.timestamp for _, (r, _) in items], [r.version_id for _, (r, _) in items])
     return HistoryListing(history, entries, index)

@@ -33,7 +33,7 @@ from ..selectors import format_utc
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR, MODE_ATTR,
                           MTIME_ATTR, NAME_ATTR, RAW_ATTR, RENAMED_ATTR, RESERVED_NAMES, VERSION_FILE, VERSIONS_GROUP, ImageRef, NpyRef, RawRef,
                           TextRef, VersionFileRef, attr_to_json, file_kind, parse_timestamp, strip_ext, user_attrs)
-from .base import (NAME_MAX, Change, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+from .base import (NAME_MAX, Change, ChunkCount, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Layout, Progress, Revision,
                    VersionInfo, canonical_json, compare_by_reading, join, safe_name, version_json)
 
 log = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ class HDF5Backend:
         if chunks is not None and len(shape) > 0:
             row = int(np.asarray(chunks).ravel()[0]) * math.prod(shape[1:]) * dtype.itemsize
             unit = row or unit
-        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=(len(ref.header), unit), meta=meta)
+        return File(size=ref.size, mtime_ns=mtime, ref=ref, layout=Layout(len(ref.header), unit), meta=meta)
 
     @staticmethod
     def _generated(content: bytes, mtime: int) -> File:
@@ -661,8 +661,7 @@ class HDF5Backend:
                 return (info.shape, info.dtype.str, fill, mapping.source,
                         hashlib.sha256(arrays).digest())
         ds = self._dataset(ref.h5path)
-        virtual = [(f, n, v, s_) for f, n, v, s_ in hdf5_image.virtual_mapping(ds)]
-        return (ds.shape, ds.dtype.str, repr(ds.fillvalue), virtual)
+        return (ds.shape, ds.dtype.str, repr(ds.fillvalue), hdf5_image.virtual_mapping(ds))
 
     def file_delta(self, old: File, new: File) -> FileDelta:
         """Chunks are content-addressed: a chunk of ``new`` whose place maps to
@@ -678,14 +677,14 @@ class HDF5Backend:
             notes.append(f"dtype {a.dtype.str} -> {b.dtype.str}")
         if repr(a.fillvalue) != repr(b.fillvalue):
             notes.append("fill value")
-        before = {tuple(map(tuple, place)): (raw, slot) for _, raw, place, slot in hdf5_image.virtual_mapping(a)}
-        after = [(tuple(map(tuple, place)), (raw, slot)) for _, raw, place, slot in hdf5_image.virtual_mapping(b)]
+        before = {tuple(map(tuple, m.bounds)): (m.dataset, m.source_bounds) for m in hdf5_image.virtual_mapping(a)}
+        after = [(tuple(map(tuple, m.bounds)), (m.dataset, m.source_bounds)) for m in hdf5_image.virtual_mapping(b)]
         if not after:  # not chunked in the format (a scalar): the whole file
             return FileDelta(False, old.size, new.size, new.size, None, tuple(notes))
         changed = [place for place, source in after if before.get(place) != source]
         fixed = file_kind(b.dtype) == "npy" or isinstance(new.ref, RawRef)
         nbytes = sum(int(np.prod([hi - lo + 1 for lo, hi in zip(*place)])) for place in changed) * b.dtype.itemsize
-        return FileDelta(False, old.size, new.size, nbytes if fixed else None, (len(changed), len(after)), tuple(notes))
+        return FileDelta(False, old.size, new.size, nbytes if fixed else None, ChunkCount(len(changed), len(after)), tuple(notes))
 
     def commit(self, parent: str | None, changes: list[Change], name: str | None, message: str | None,
                parent_tree: Dir, progress: Progress | None = None) -> str:

@@ -79,8 +79,8 @@ def chunk_index(ds: h5py.Dataset, file: h5py.File) -> ChunkIndex | None:
     if not ds.is_virtual or ds._dcpl.get_virtual_count() > MAX_MAPPINGS:  # h5py's own copy, made once
         return None
     mapping = virtual_mapping(ds)
-    names = {name for _, name, _, _ in mapping}
-    if any(f != "." for f, _, _, _ in mapping) or len(names) != 1:
+    names = {m.dataset for m in mapping}
+    if any(m.file != "." for m in mapping) or len(names) != 1:
         return None
     raw = file[names.pop()]
     if raw.chunks is None or raw.dtype != dtype or len(raw.chunks) != ds.ndim or raw.id.get_type().get_size() != dtype.itemsize:

@@ -40,7 +40,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import h5py
 import numpy as np
@@ -54,6 +54,15 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 BUILDER = 3  # how images are built: a change that alters their bytes must raise it (stored images)
 FORMAT = ("v110", "v110")  # HDF5 1.10's file format: the implicit chunk index needs it
+
+
+class RegionColumns(NamedTuple):
+    """Regions as three columns (arrays or lists): one planned dataset's chunks,
+    or what the recorder saw written (``Regions.of`` sorts them together)."""
+
+    offsets: Any  # in the image
+    lengths: Any
+    sources: Any  # in the source file; negative: a fill pattern (see Regions)
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ class Regions:
         return len(self.offsets)
 
     @classmethod
-    def of(cls, parts: list[tuple[Any, Any, Any]]) -> "Regions":
+    def of(cls, parts: list[RegionColumns]) -> "Regions":
         arrays = [np.concatenate([np.asarray(p[i], np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
-                  for i in range(3)]
+                  for i in range(len(RegionColumns._fields))]
         order = np.argsort(arrays[0], kind="stable")
         return cls(*(a[order] for a in arrays))
 
@@ -176,7 +185,7 @@ class _Recorder:
         self.pos = 0
         self.size = 0
         self.pages: dict[int, bytearray] = {}
-        self.regions: tuple[list[int], list[int], list[int]] = ([], [], [])  # offsets, lengths, sources
+        self.regions = RegionColumns([], [], [])  # chunk writes seen (lists, appended to)
         self.placeholder = np.zeros(1, np.uint8)  # chunk writes come from this buffer (made larger as needed)
         self._expected: tuple[int, int] | None = None  # (length, source offset) of the next chunk write
 
@@ -261,14 +270,14 @@ class _Builder:
         self.raw, self.chunk_index = raw, chunk_index
         self.failed = False  # something was left out because of an error
         self.recorder = _Recorder()
-        self.parts: list[tuple[Any, Any, Any]] = []  # regions of datasets with implicit chunk indexes
+        self.parts: list[RegionColumns] = []  # regions of datasets with implicit chunk indexes
         self.fills: list[bytes] = []
 
     def build(self) -> Image:
         with h5py.File(self.recorder, "w", track_order=False, libver=FORMAT) as out:
             self._copy_group(self.source[self.group_path], out)
         recorder = self.recorder
-        regions = Regions.of([tuple(recorder.regions), *self.parts])
+        regions = Regions.of([recorder.regions, *self.parts])
         pages = {i: bytes(p) for i, p in recorder.pages.items()}
         return Image(recorder.size, pages, regions, self.fills, complete=not self.failed)
 
@@ -322,7 +331,7 @@ class _Builder:
     def _copy_planned(self, path: str, info: hdf5_raw.ObjectInfo, dst: h5py.Group, name: str) -> bool:
         """Copy a versioned dataset by its chunks' places, read from the file's
         bytes (its virtual dataset is never opened); False where it cannot be."""
-        recorded = len(self.recorder.regions[0])
+        recorded = len(self.recorder.regions.offsets)
         parts, fills = len(self.parts), len(self.fills)
         try:
             plan = self._plan(path, info)
@@ -425,14 +434,14 @@ class _Builder:
             base = dsid.get_chunk_info(0).byte_offset
             if dsid.get_num_chunks() != total or dsid.get_chunk_info(total - 1).byte_offset != base + (total - 1) * nbytes:
                 raise RuntimeError("chunks were not allocated as one run")
-            self.parts.append((base + plan.numbers * nbytes, np.full(len(plan.numbers), nbytes), plan.addresses))
+            self.parts.append(RegionColumns(base + plan.numbers * nbytes, np.full(len(plan.numbers), nbytes), plan.addresses))
             fill = np.zeros((), raw.dtype)
             fill[()] = raw.fillvalue
             if fill.tobytes().strip(b"\0"):  # unmapped chunks read as a fill value that is not zeros
                 missing = np.setdiff1d(np.arange(total), plan.numbers)
                 self.fills.append(np.full(math.prod(chunks), raw.fillvalue, raw.dtype).tobytes())
-                self.parts.append((base + missing * nbytes, np.full(len(missing), nbytes),
-                                   np.full(len(missing), -len(self.fills))))
+                self.parts.append(RegionColumns(base + missing * nbytes, np.full(len(missing), nbytes),
+                                                np.full(len(missing), -len(self.fills))))
             return
         # Filtered chunks differ in size: written one by one from a shared zero buffer.
         space = h5py.h5s.create_simple(shape, (h5py.h5s.UNLIMITED,) * len(shape))
@@ -504,7 +513,7 @@ class _Builder:
         fill), versioned-hdf5's ``/_version_data/<path>/raw_data``."""
         if not ds.is_virtual:
             return None
-        names = {name for file, name, _, _ in virtual_mapping(ds) if file == "."}
+        names = {m.dataset for m in virtual_mapping(ds) if m.file == "."}
         if len(names) > 1:
             return None
         relative = ds.name[len(self.group_path) + 2 :]
@@ -529,17 +538,25 @@ class _Plan:
     masks: np.ndarray
 
 
-def virtual_mapping(ds: h5py.Dataset) -> list[tuple[str, str, Any, Any]]:
-    """(source file, source dataset, bounds in ``ds``, bounds in the source) of each
-    mapping of a virtual dataset; [] for any other. Read straight from the creation
+class VirtualMapping(NamedTuple):
+    """One mapping of a virtual dataset (one per chunk of a versioned dataset)."""
+
+    file: str  # the source file ("." is the same file)
+    dataset: str  # the source dataset's path
+    bounds: Any  # (first, last) corner, inclusive, of the mapped box in the virtual dataset
+    source_bounds: Any  # the same in the source dataset
+
+
+def virtual_mapping(ds: h5py.Dataset) -> list[VirtualMapping]:
+    """Each mapping of a virtual dataset; [] for any other. Read straight from the creation
     properties: h5py's ``virtual_sources()`` makes objects per mapping, and there is
     one mapping per chunk."""
     if not ds.is_virtual:
         return []
     plist = ds._dcpl  # h5py's own copy of the creation properties: another costs time in the mappings
     return [
-        (plist.get_virtual_filename(i), plist.get_virtual_dsetname(i),
-         plist.get_virtual_vspace(i).get_select_bounds(), plist.get_virtual_srcspace(i).get_select_bounds())
+        VirtualMapping(plist.get_virtual_filename(i), plist.get_virtual_dsetname(i),
+                       plist.get_virtual_vspace(i).get_select_bounds(), plist.get_virtual_srcspace(i).get_select_bounds())
         for i in range(plist.get_virtual_count())
     ]
 

@@ -33,7 +33,7 @@ from ..cache import DiskCache, Lru
 from ..errors import ConflictError, SourceError
 from ..logs import once
 from . import s3_data
-from .base import (NAME_MAX, Change, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Progress, Revision,
+from .base import (NAME_MAX, Change, Dir, Duplicate, Execution, File, FileDelta, FileMeta, History, Layout, Progress, Revision,
                    VersionInfo, find, join, safe_name, to_ns)
 
 log = logging.getLogger(__name__)
@@ -993,7 +993,7 @@ def _file(version: ObjectVersion) -> File:
         size=version.size,
         mtime_ns=to_ns(version.modified),
         ref=S3Ref(version.key, version.version_id, version.etag, version.size),
-        layout=(0, RANGE_PART),
+        layout=Layout(0, RANGE_PART),
         readahead=READAHEAD,
         meta=None,  # in the object's metadata: asked for when needed (file_meta)
     )
