@@ -787,26 +787,15 @@ class HDF5Backend:
         if filters is None or stored is None:
             return None
         shape, chunks = tuple(info.shape), tuple(raw.chunks)
-        c = np.array(chunks, np.int64)
         grid = tuple(-(-n // k) for n, k in zip(shape, chunks))
         cells_n = math.prod(grid)
         offsets, sizes, masks = np.full(cells_n, -1, np.int64), np.zeros(cells_n, np.int64), np.zeros(cells_n, np.uint32)
-        v0, s0, count = mapping.vstart, mapping.sstart, mapping.count
-        if len(v0) and cells_n:
-            whole = np.minimum(v0 + c, np.array(shape, np.int64))
-            if (v0 % c).any() or (s0 % c).any() or (v0 + count != whole).any():
+        if len(mapping.vstart) and cells_n:
+            match = hdf5_raw.match_chunks(mapping.vstart, mapping.sstart, mapping.count, shape, raw.shape, stored)
+            if match is None:
                 return None  # not whole chunks one to one: hdf5_chunks decides
-            cells = np.ravel_multi_index(tuple((v0 // c).T), grid)
-            if len(np.unique(cells)) != len(cells):
-                return None
-            raw_grid = tuple(-(-n // k) for n, k in zip(raw.shape, chunks))
-            have = np.ravel_multi_index(tuple((stored.offsets // c).T), raw_grid) if len(stored.offsets) else np.zeros(0, np.int64)
-            want = np.ravel_multi_index(tuple((s0 // c).T), raw_grid)
-            at = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
-            written = have[at] == want if len(have) else np.zeros(len(want), bool)
-            offsets[cells[written]] = stored.addresses[at[written]]
-            sizes[cells[written]] = stored.sizes[at[written]]
-            masks[cells[written]] = stored.masks[at[written]]
+            cells, at = match.cells[match.written], match.at[match.written]
+            offsets[cells], sizes[cells], masks[cells] = stored.addresses[at], stored.sizes[at], stored.masks[at]
         fill = np.zeros((), dtype)
         if fill_bytes is not None and len(fill_bytes) == dtype.itemsize:
             fill = np.frombuffer(fill_bytes, dtype, 1).reshape(()).copy()

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..errors import DamagedData
 from . import npy
-from .hdf5_image import virtual_mapping
+from . import hdf5_raw
+from .hdf5_image import h5py_chunk_index, virtual_mapping
 
 FILTER_DEFLATE, FILTER_SHUFFLE = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE
 SUPPORTED_FILTERS = frozenset({FILTER_DEFLATE, FILTER_SHUFFLE})
@@ -95,22 +96,17 @@ def chunk_index(ds: h5py.Dataset, file: h5py.File) -> ChunkIndex | None:
     sizes = np.zeros(ncells, np.int64)
     masks = np.zeros(ncells, np.uint32)
     if mapping and ncells:
-        c = np.array(chunks, np.int64)
-        v0 = np.array([m[2][0] for m in mapping], np.int64)
-        v1 = np.array([m[2][1] for m in mapping], np.int64) + 1
-        s0 = np.array([m[3][0] for m in mapping], np.int64)
-        s1 = np.array([m[3][1] for m in mapping], np.int64) + 1
-        # Each mapping must be one whole chunk (its in-bounds part) onto one raw chunk.
-        whole = np.minimum(v0 + c, np.array(shape, np.int64))
-        if (v0 % c).any() or (s0 % c).any() or (v1 != whole).any() or ((s1 - s0) != (v1 - v0)).any():
+        v0 = np.array([m.bounds[0] for m in mapping], np.int64)
+        count = np.array([m.bounds[1] for m in mapping], np.int64) + 1 - v0
+        s0 = np.array([m.source_bounds[0] for m in mapping], np.int64)
+        if not np.array_equal(np.array([m.source_bounds[1] for m in mapping], np.int64) + 1 - s0, count):
+            return None  # a box onto one of another extent
+        stored = h5py_chunk_index(raw)
+        match = hdf5_raw.match_chunks(v0, s0, count, shape, raw.shape, stored)
+        if match is None:
             return None
-        cells = np.ravel_multi_index(tuple((v0 // c).T), grid)
-        if len(np.unique(cells)) != len(cells):
-            return None
-        raw_grid = tuple(-(-n // k) for n, k in zip(raw.shape, chunks))
-        stored = _stored_chunks(raw, raw_grid)
-        source = np.ravel_multi_index(tuple((s0 // c).T), raw_grid)
-        offsets[cells], sizes[cells], masks[cells] = stored[0][source], stored[1][source], stored[2][source]
+        cells, at = match.cells[match.written], match.at[match.written]
+        offsets[cells], sizes[cells], masks[cells] = stored.addresses[at], stored.sizes[at], stored.masks[at]
     fill = np.array(ds.fillvalue, dtype=dtype)
     return ChunkIndex(ds.name, shape, chunks, dtype, fill, filters, offsets, sizes, masks)
 
@@ -119,21 +115,6 @@ def _filters(raw: h5py.Dataset) -> tuple[int, ...] | None:
     plist = raw.id.get_create_plist()
     codes = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
     return codes if all(code in SUPPORTED_FILTERS for code in codes) else None
-
-
-def _stored_chunks(raw: h5py.Dataset, raw_grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offset, size, mask) of every raw chunk, over the raw chunk grid (-1: unwritten)."""
-    n = math.prod(raw_grid)
-    offsets, sizes, masks = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.uint32)
-    found: list[tuple[tuple[int, ...], int, int, int]] = []
-    raw.id.chunk_iter(lambda info: found.append((info.chunk_offset, info.byte_offset, info.size, info.filter_mask)))
-    if found:
-        corners = np.array([f[0] for f in found], np.int64)
-        cells = np.ravel_multi_index(tuple((corners // np.array(raw.chunks, np.int64)).T), raw_grid)
-        offsets[cells] = [f[1] for f in found]
-        sizes[cells] = [f[2] for f in found]
-        masks[cells] = [f[3] for f in found]
-    return offsets, sizes, masks
 
 
 class ChunkReader:

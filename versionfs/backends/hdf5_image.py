@@ -394,26 +394,15 @@ class _Builder:
             rows = [(v + i * chunks, s + i * chunks, np.minimum(chunks, c - i * chunks))
                     for v, s, c, n in zip(v0, s0, count, spans) for i in map(np.array, np.ndindex(*n))]
             v0, s0, count = (np.array([r[k] for r in rows], np.int64).reshape(-1, rank) for k in range(3))
-        # The mapped box must be the whole in-bounds part of its chunk, once each.
-        if not np.array_equal(count, np.minimum(chunks, np.array(shape) - v0)):
+        index = self.chunk_index(raw)
+        match = hdf5_raw.match_chunks(v0, s0, count, tuple(shape), raw.shape, index) if index is not None else None
+        if match is None:
             return None
         grid = tuple(int(g) for g in -(-np.array(shape) // chunks))
-        numbers = np.ravel_multi_index(tuple((v0 // chunks).T), grid) if len(v0) else np.zeros(0, np.int64)
-        by_number = np.argsort(numbers, kind="stable")
-        if (np.diff(numbers[by_number]) == 0).any():  # a chunk mapped twice
-            return None
-        index = self.chunk_index(raw)
-        if index is None:
-            return None
-        raw_grid = tuple(int(g) for g in -(-np.array(raw.shape) // chunks))
-        have = np.ravel_multi_index(tuple((index.offsets // chunks).T), raw_grid) if len(index.offsets) else np.zeros(0, np.int64)
-        want = np.ravel_multi_index(tuple((s0 // chunks).T), raw_grid) if len(s0) else np.zeros(0, np.int64)
-        at = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
-        written = (have[at] == want) if len(have) else np.zeros(len(want), bool)
-        # A raw chunk never written reads as the fill value: left out.
-        order = by_number[written[by_number]]
-        pick = at[order]
-        return _Plan(raw, tuple(shape), grid, numbers[order], index.addresses[pick], index.sizes[pick],
+        by_number = np.argsort(match.cells, kind="stable")
+        order = by_number[match.written[by_number]]  # a raw chunk never written reads as the fill value: left out
+        pick = match.at[order]
+        return _Plan(raw, tuple(shape), grid, match.cells[order], index.addresses[pick], index.sizes[pick],
                      index.masks[pick])
 
     def _write_planned(self, plan: "_Plan", dst: h5py.Group, name: str) -> None:
@@ -570,8 +559,11 @@ def chunk_index_of(raw: hdf5_raw.RawReader, ds: h5py.Dataset) -> hdf5_raw.ChunkI
         index = raw.chunk_index(info) if info is not None else None
     except hdf5_raw.ERRORS:
         index = None
-    if index is not None:
-        return index
+    return index if index is not None else h5py_chunk_index(ds)
+
+
+def h5py_chunk_index(ds: h5py.Dataset) -> hdf5_raw.ChunkIndex:
+    """A chunked dataset's chunk index, asked of HDF5 chunk by chunk."""
     n, rank = ds.id.get_num_chunks(), ds.ndim
     offsets = np.zeros((n, rank), np.int64)
     addresses, sizes, masks = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.uint32)

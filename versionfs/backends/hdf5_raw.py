@@ -78,6 +78,35 @@ class ChunkIndex:
         return self.offsets.nbytes + self.addresses.nbytes + self.sizes.nbytes + self.masks.nbytes
 
 
+class ChunkMatch(NamedTuple):
+    """Which raw chunk each mapping of a version's dataset is (``match_chunks``)."""
+
+    cells: np.ndarray  # the chunk of the version's dataset (row-major number) each mapping fills
+    at: np.ndarray  # where the raw chunk it maps is in the raw ``ChunkIndex``
+    written: np.ndarray  # whether that raw chunk was ever written (else it reads as the fill value)
+
+
+def match_chunks(vstart: np.ndarray, sstart: np.ndarray, count: np.ndarray, shape: tuple[int, ...],
+                 raw_shape: tuple[int, ...], raw: ChunkIndex) -> ChunkMatch | None:
+    """Where every mapping (boxes at ``vstart`` in the version's dataset and at
+    ``sstart`` in the raw one, ``count`` elements each way; (n, rank) arrays) is one
+    whole chunk, its in-bounds part, onto one raw chunk, each chunk once: which
+    raw chunk each one is. None where they are not (then h5py reads it)."""
+    c = np.array(raw.chunks, np.int64)
+    if (vstart % c).any() or (sstart % c).any() or not np.array_equal(vstart + count, np.minimum(vstart + c, np.array(shape, np.int64))):
+        return None
+    grid = tuple(-(-n // k) for n, k in zip(shape, raw.chunks))
+    cells = np.ravel_multi_index(tuple((vstart // c).T), grid) if len(vstart) else np.zeros(0, np.int64)
+    if len(np.unique(cells)) != len(cells):  # a chunk mapped twice
+        return None
+    raw_grid = tuple(-(-n // k) for n, k in zip(raw_shape, raw.chunks))
+    have = np.ravel_multi_index(tuple((raw.offsets // c).T), raw_grid) if len(raw.offsets) else np.zeros(0, np.int64)
+    want = np.ravel_multi_index(tuple((sstart // c).T), raw_grid) if len(sstart) else np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
+    written = (have[at] == want) if len(have) else np.zeros(len(want), bool)
+    return ChunkMatch(cells, at, written)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What an object header says (None where it does not say, or not simply)."""
