@@ -228,7 +228,7 @@ async def _serve(mount: Mount, opts: MountOptions, mountpoint: str, ready: Calla
         raise ControlError("this mount is read-only (-o ro): it has no staging/")
 
     async with trio.open_nursery() as nursery:
-        namespace.spawn = nursery.start_soon
+        await nursery.start(namespace.run_background)
         handlers = {"health": health, "stats": stats, "select": select}
         if committer is not None:
             handlers.update(commit=committer.commit, status=committer.status, discard=committer.discard,

@@ -549,7 +549,7 @@ class Namespace:
         self.index: selectors.VersionIndex[VersionInfo] = selectors.VersionIndex([], [])
         self._current: str | None = None
         self._newest_mtime_ns = 0
-        # Starts background tasks (prefetch) in the daemon's nursery, once serving.
+        # Starts background tasks (builds, prefetch) once serving (``run_background``).
         self.spawn: Callable[..., Any] | None = None
         self.overlay: Any = None  # staging.Overlay, when the mount has staging/
         self._images: dict[str, File] = {}  # version -> its image file entry (sizes are kept)
@@ -562,6 +562,14 @@ class Namespace:
     def notify_changed(self) -> None:
         for listener in self.listeners:
             listener()
+
+    async def run_background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the namespace's background work (shared builds, prefetch) until
+        cancelled: the daemon starts this in its nursery once serving."""
+        async with trio.open_nursery() as nursery:
+            self.spawn = nursery.start_soon
+            task_status.started()
+            await trio.sleep_forever()
 
     def load(self) -> None:
         """Read the version list (blocking; call on the worker)."""
