@@ -1,0 +1,138 @@
+"""Behaviours doc/SEMANTICS.md states that no other test checked. Fast tier:
+the FUSE handlers driven without a kernel (``fastfs``); each docstring names
+the section of SEMANTICS.md it backs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import h5py
+import numpy as np
+import pytest
+
+from fastfs import FastFS, ctx
+from helpers import make_versions
+from versionfs.backends.hdf5_format import attr_to_json, json_to_attr
+
+
+def v1(g):
+    g.create_dataset("x", data=np.arange(100, dtype="i4"), chunks=(10,))
+    g.create_group("sub").create_dataset("y", data=np.linspace(0, 1, 5))
+
+
+@pytest.fixture
+def fast(tmp_path):
+    fs = FastFS(str(make_versions(tmp_path / "f.h5", v1)), str(tmp_path / "state"))
+    yield fs
+    fs.close()
+    fs.loop.close()
+
+
+def getattr_of(fast: FastFS, inode: int):
+    return fast.call(fast.fs.getattr, inode, ctx())
+
+
+@pytest.mark.parametrize("end", ["commit", "discard"])
+def test_a_working_directory_in_staging_is_stale_after_a_commit_or_discard(fast, end):
+    """SEMANTICS.md § Consistency: inodes of staging/ (staging/ itself and every
+    directory and file below it) answer ESTALE once a commit or a discard has
+    replaced staging; a new lookup (``cd`` again) finds the new staging."""
+    fast.write_bytes("staging/sub/new.txt", b"hello\n")
+    held = {path: fast.ino(path) for path in ("staging", "staging/sub", "staging/sub/new.txt")}
+    for inode in held.values():
+        getattr_of(fast, inode)  # fine before
+    if end == "commit":
+        assert fast.commit("v2") == "v2"
+    else:
+        fast.discard()
+    for path, inode in held.items():
+        with pytest.raises(OSError) as e:
+            getattr_of(fast, inode)
+        assert e.value.errno == errno.ESTALE, path
+    assert stat.S_ISDIR(fast.stat("staging/sub").st_mode)  # looked up again: the new staging
+    assert fast.exists("staging/sub/new.txt") == (end == "commit")
+    assert getattr_of(fast, fast.ino("latest/sub"))  # version trees are not affected
+
+
+def test_private_attributes_that_library_users_see(fast, tmp_path):
+    """SEMANTICS.md § Private attributes: a committed file's dataset carries
+    _versionfs_mtime_ns and _versionfs_mode (raw files also _versionfs_raw), the
+    version group _versionfs_message; the mount never shows them in .attrs.json."""
+    fast.write_bytes("staging/run.sh", b"#!/bin/sh\necho hi\n")
+    fast.setattr("staging/run.sh", mode=0o755, mtime_ns=1_700_000_000_123_456_789)
+    assert fast.loop.run(fast.committer.commit, "v2", "add the script") == "v2"
+    shown = fast.read_bytes("latest/.attrs.json") if fast.exists("latest/.attrs.json") else b"{}"
+    assert b"_versionfs" not in shown
+    version_file = json.loads(fast.read_bytes("latest/.version.json"))
+    assert version_file["message"] == "add the script" and "_versionfs_message" not in version_file["attributes"]
+    with h5py.File(fast.source, "r") as f:  # as a library user reads the source
+        version = f["_version_data/versions/v2"]
+        assert version.attrs["_versionfs_message"] == "add the script"
+        script = version["run.sh"]
+        assert script.attrs["_versionfs_mtime_ns"] == 1_700_000_000_123_456_789
+        assert stat.S_IMODE(int(script.attrs["_versionfs_mode"])) == 0o755
+        assert bool(script.attrs["_versionfs_raw"]) is True
+        assert script[:].tobytes() == b"#!/bin/sh\necho hi\n"
+
+
+def test_complex_attributes_round_trip(fast):
+    """SEMANTICS.md § Attributes: a complex value is {"dtype": "<c16", "value":
+    [real, imag]} (arrays: a list of such pairs), and such JSON written to
+    staging's .attrs.json is stored as that complex dtype."""
+    assert attr_to_json(np.complex128(1 + 2j)) == {"dtype": "<c16", "value": [1.0, 2.0]}
+    pairs = attr_to_json(np.array([1 + 2j, 3 - 4j], dtype="c8"))
+    assert pairs == {"dtype": "<c8", "value": [[1.0, 2.0], [3.0, -4.0]]}
+    back = json_to_attr(pairs)
+    assert back.dtype == np.dtype("c8") and list(back) == [1 + 2j, 3 - 4j]
+    assert json_to_attr({"dtype": "<c16", "value": [1.0, 2.0]}) == 1 + 2j
+    attrs = {".": {"z": {"dtype": "<c16", "value": [0.5, -1.5]}}, "x.npy": {"w": pairs}}
+    fast.write_bytes("staging/.attrs.json", json.dumps(attrs).encode())
+    assert fast.commit("v2") == "v2"
+    assert json.loads(fast.read_bytes("latest/.attrs.json")) == attrs
+    with h5py.File(fast.source, "r") as f:
+        version = f["_version_data/versions/v2"]
+        assert version.attrs["z"] == 0.5 - 1.5j and version.attrs["z"].dtype == np.dtype("c16")
+        assert list(version["x"].attrs["w"]) == [1 + 2j, 3 - 4j]
+
+
+def test_dot_version_json_written_in_staging_is_kept_there_and_never_committed(fast):
+    """SEMANTICS.md § staging/: the base's generated .version.json is not in
+    staging; one written at its root is an ordinary staged file that status and
+    commit ignore (each version generates its own), gone after the commit."""
+    assert ".version.json" not in fast.listdir("staging")
+    fast.write_bytes("staging/.version.json", b'{"name": "mine"}')
+    assert fast.read_bytes("staging/.version.json") == b'{"name": "mine"}'
+    assert fast.status() == []
+    fast.write_bytes("staging/a.txt", b"a\n")
+    assert fast.status() == ["A a.txt"]
+    assert fast.commit("v2") == "v2"
+    assert json.loads(fast.read_bytes("latest/.version.json"))["name"] == "v2"
+    assert ".version.json" not in fast.listdir("staging")
+
+
+def test_rollback_to_a_future_time_is_the_latest_and_unchanged(fast):
+    """SEMANTICS.md § Where versionfs departs from its design contract: a time in
+    the future selects the latest version, so rolling back to it changes nothing."""
+    fast.write_bytes("staging/a.txt", b"a\n")
+    assert fast.commit("v2") == "v2"
+    assert fast.loop.run(fast.committer.rollback, "@2099-01-01") is None
+    assert fast.loop.run(fast.committer.rollback, "@-2") is not None
+    assert not fast.exists("latest/a.txt")
+
+
+def test_version_trees_show_the_kept_mode_or_0644_and_0755(fast):
+    """SEMANTICS.md § The layout: files of a version show the mode bits the version
+    kept, 0644 where it kept none; directories 0755; writes there are EROFS."""
+    fast.write_bytes("staging/run.sh", b"#!/bin/sh\n")
+    fast.setattr("staging/run.sh", mode=0o750)
+    assert fast.commit("v2") == "v2"
+    assert stat.S_IMODE(fast.stat("latest/run.sh").st_mode) == 0o750
+    assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o644
+    assert stat.S_IMODE(fast.stat("latest/sub").st_mode) == 0o755
+    with pytest.raises(OSError) as e:
+        fast.write_bytes("latest/x.npy", b"no")
+    assert e.value.errno in (errno.EROFS, errno.EACCES)
+    assert os.path.basename(fast.source) == "f.h5"
