@@ -136,3 +136,26 @@ def test_version_trees_show_the_kept_mode_or_0644_and_0755(fast):
         fast.write_bytes("latest/x.npy", b"no")
     assert e.value.errno in (errno.EROFS, errno.EACCES)
     assert os.path.basename(fast.source) == "f.h5"
+
+
+def test_odd_names_get_one_rule(tmp_path):
+    """SEMANTICS.md § Odd names: a dataset `a` beside a group `a.npy` is shown as
+    `a~<8 hex of sha1("a")>.npy` (the group keeps its name), and `.version.json`
+    lists the rename under "renamed": shown path -> the name it would have had."""
+    import hashlib
+
+    def odd(g):
+        g.create_group("a.npy").create_dataset("inner", data=np.arange(3))
+        g.create_dataset("a", data=np.arange(4))
+
+    fs = FastFS(str(make_versions(tmp_path / "odd.h5", odd)), str(tmp_path / "state"))
+    try:
+        shown = f"a~{hashlib.sha1(b'a').hexdigest()[:8]}.npy"
+        assert sorted(fs.listdir("latest")) == sorted([".version.json", "a.npy", shown])
+        assert stat.S_ISDIR(fs.stat("latest/a.npy").st_mode)
+        assert np.load(__import__("io").BytesIO(fs.read_bytes(f"latest/{shown}"))).tolist() == [0, 1, 2, 3]
+        renamed = json.loads(fs.read_bytes("latest/.version.json"))["renamed"]
+        assert renamed == {shown: "a.npy"}  # the usual shown name of dataset `a`
+    finally:
+        fs.close()
+        fs.loop.close()
