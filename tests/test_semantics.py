@@ -159,3 +159,19 @@ def test_odd_names_get_one_rule(tmp_path):
     finally:
         fs.close()
         fs.loop.close()
+
+
+def test_a_chmod_alone_of_a_base_file_is_not_committed(fast):
+    """SEMANTICS.md § Where versionfs departs from its design contract: a chmod of a
+    file of the base that is not written is shown in staging but not committed (a
+    gap); the next write of it carries the mode."""
+    fast.setattr("staging/x.npy", mode=0o600)
+    assert stat.S_IMODE(fast.stat("staging/x.npy").st_mode) == 0o600
+    assert fast.status() == []
+    assert fast.commit("v2") is None
+    assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o644
+    fast.setattr("staging/x.npy", mode=0o600)
+    fast.write_bytes("staging/x.npy", fast.read_bytes("staging/x.npy"))  # written: now it counts
+    assert fast.status() == ["M x.npy"]
+    assert fast.commit("v3") == "v3"
+    assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o600
