@@ -175,3 +175,22 @@ def test_a_chmod_alone_of_a_base_file_is_not_committed(fast):
     assert fast.status() == ["M x.npy"]
     assert fast.commit("v3") == "v3"
     assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o600
+
+
+def test_equal_timestamps_are_ordered_parent_before_child(tmp_path):
+    """SEMANTICS.md § Selectors: versions with the same timestamp are listed parent
+    before child (the prev_version chain), not by name, and an as-of lookup that lands
+    on the tie takes the last of them."""
+    import datetime as dt
+
+    t = dt.datetime(2024, 1, 15, 10, 30, tzinfo=dt.timezone.utc)
+    steps = [lambda g, i=i: g.create_dataset(f"d{i}", data=np.arange(3)) for i in range(3)]
+    source = make_versions(tmp_path / "tie.h5", *steps, names=["b", "a", "c"], timestamps=[t, t, t])
+    fs = FastFS(str(source), str(tmp_path / "state"))
+    try:
+        assert [n for n in fs.listdir("versions") if not n.endswith(".h5")] == ["__first_version__", "b", "a", "c"]
+        assert sorted(fs.listdir("@2024-01-15T10:30")) == sorted(fs.listdir("versions/c"))
+        assert sorted(fs.listdir("@0")) == sorted(fs.listdir("versions/b"))
+    finally:
+        fs.close()
+        fs.loop.close()
