@@ -194,3 +194,14 @@ def test_equal_timestamps_are_ordered_parent_before_child(tmp_path):
     finally:
         fs.close()
         fs.loop.close()
+
+
+def test_rename_exchange_is_einval_and_changes_nothing(fast):
+    """SEMANTICS.md § Refusals: rename(2) with RENAME_EXCHANGE answers EINVAL, and
+    both names keep what they had."""
+    fast.write_bytes("staging/a.txt", b"a\n")
+    fast.write_bytes("staging/b.txt", b"b\n")
+    with pytest.raises(OSError) as e:
+        fast.rename("staging/a.txt", "staging/b.txt", 2)  # RENAME_EXCHANGE
+    assert e.value.errno == errno.EINVAL
+    assert (fast.read_bytes("staging/a.txt"), fast.read_bytes("staging/b.txt")) == (b"a\n", b"b\n")
