@@ -78,7 +78,7 @@ def candidate_changes(base: Dir, store, generated: frozenset[str] = frozenset())
 
 
 def _kept(row: Row) -> dict:
-    """The metadata a version keeps of a staged entry (README: what a version keeps)."""
+    """The metadata a version keeps of a staged entry (doc/SEMANTICS.md § What a version keeps)."""
     return {"mode": row.mode, "mtime_ns": row.mtime_ns, "uid": row.uid, "gid": row.gid}
 
 

@@ -81,7 +81,8 @@ class VersionFileRef:
 
 @dataclass(frozen=True, slots=True)
 class RawRef:
-    """A uint8 dataset holding the raw bytes of a staged file (README: Writing)."""
+    """A uint8 dataset holding the raw bytes of a staged file (doc/SEMANTICS.md §
+    How staged files become the next version)."""
 
     h5path: str
     kind = "raw"

@@ -3,7 +3,7 @@
 The commit goes through versioned-hdf5's own ``stage_version`` (so unchanged
 datasets are not rewritten and changed ones are chunk-deduplicated by the
 library), on an h5py file opened through ``JournaledFile`` (so the commit is
-atomic and durable). How staged files map to datasets (README, "Writing"):
+atomic and durable). How staged files map to datasets (doc/SEMANTICS.md, "How staged files become the next version"):
 
 - ``<name>.npy`` (valid, fixed-size dtype) is dataset ``<name>``;
 - ``<name>.txt`` is a variable-length string dataset ``<name>`` when the text
@@ -389,7 +389,7 @@ class _Writer:
 
     @staticmethod
     def marks(change: Change) -> dict[str, Any]:
-        """What a version keeps of a staged file besides its bytes (README)."""
+        """What a version keeps of a staged file besides its bytes (doc/SEMANTICS.md § What a version keeps)."""
         marks: dict[str, Any] = {}
         mtime = change.mtime_ns
         if mtime is None and change.local is not None:
@@ -468,7 +468,7 @@ class _Writer:
                 self.meter.add(len(data))
                 return self.put_text(name, values, change.path, existing=kind is not None, attrs=marks)
             if kind:
-                raise CommitError(f"{change.path}: this text does not map back to the same bytes (see README, text form)")
+                raise CommitError(f"{change.path}: this text does not map back to the same bytes (see doc/SEMANTICS.md, text form)")
         if change.local is not None:
             source: Any = FileArray(change.local, 0, np.dtype(np.uint8), (size,), self.meter)
         else:

@@ -124,7 +124,7 @@ def fraction_digits(instants: list[dt.datetime]) -> int:
 
 def path_parts(relative_key: str) -> list[str] | None:
     """The path components of a key below the prefix, or None if it cannot be a
-    path (README: keys that are not valid paths are skipped and logged once)."""
+    path (doc/SEMANTICS.md § Odd names: keys that are not valid paths are skipped and logged once)."""
     if not relative_key or relative_key.endswith("/") or "\0" in relative_key:
         return None
     parts = relative_key.split("/")
