@@ -215,3 +215,19 @@ def test_bytes_attributes_that_are_not_utf8_round_trip():
     for value in (np.bytes_(b"\xffab"), np.array([b"ok", b"\xfe"], dtype="S2")):
         back = json_to_attr(attr_to_json(value))
         assert np.asarray(back).tobytes() == np.asarray(value).tobytes()
+
+
+def test_a_writer_of_the_mounted_file_gets_hdf5_s_lock_error(fast):
+    """SEMANTICS.md § Commits and durability: while mounted, the source is held open
+    with HDF5's file lock, so another program opening it for writing fails; reading
+    it stays possible."""
+    import subprocess
+    import sys
+
+    def attempt(mode: str) -> subprocess.CompletedProcess:
+        code = f"import h5py; h5py.File({fast.source!r}, {mode!r}).close()"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    writer = attempt("r+")
+    assert writer.returncode != 0 and "lock" in writer.stderr.lower(), writer.stderr[-500:]
+    assert attempt("r").returncode == 0
