@@ -15,6 +15,7 @@ import pytest
 
 from fastfs import FastFS, ctx
 from helpers import make_versions
+from versionfs.backends.base import canonical_json
 from versionfs.backends.hdf5_format import attr_to_json, json_to_attr
 
 
@@ -207,14 +208,35 @@ def test_rename_exchange_is_einval_and_changes_nothing(fast):
     assert (fast.read_bytes("staging/a.txt"), fast.read_bytes("staging/b.txt")) == (b"a\n", b"b\n")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: bytes that are not UTF-8 are shown as \\xNN text and stored back as that text")
-def test_bytes_attributes_that_are_not_utf8_round_trip():
-    """SEMANTICS.md § Attributes: bytes attributes are decoded as UTF-8 for the JSON,
-    undecodable bytes as \\xNN escapes, which json_to_attr does not undo; so an edited
-    .attrs.json of a file with such an attribute rewrites it. Remove the xfail when fixed."""
-    for value in (np.bytes_(b"\xffab"), np.array([b"ok", b"\xfe"], dtype="S2")):
-        back = json_to_attr(attr_to_json(value))
+def test_bytes_attributes_that_are_not_utf8_round_trip(fast):
+    """SEMANTICS.md § Attributes: bytes attributes are shown as UTF-8 text; bytes that
+    are not UTF-8 as \\udcXX escapes (lone surrogates, Python's surrogateescape), which
+    read back to exactly those bytes, so an edited .attrs.json keeps them."""
+    for value in (np.bytes_(b"\xffab"), np.array([b"ok", b"\xfe"], dtype="S2"), np.bytes_(b"a\\xffb")):
+        shown = canonical_json(attr_to_json(value))
+        shown.decode("utf-8")  # the file is valid UTF-8
+        back = json_to_attr(json.loads(shown))
         assert np.asarray(back).tobytes() == np.asarray(value).tobytes()
+    attrs = {"x.npy": {"tag": {"dtype": "bytes", "value": "\udcffab"}, "vlen": "\udcfe"}}
+    fast.write_bytes("staging/.attrs.json", canonical_json(attrs))
+    assert fast.commit("v2") == "v2"
+    with h5py.File(fast.source, "r") as f:
+        assert f["_version_data/versions/v2/x"].attrs["tag"] == np.bytes_(b"\xffab")
+        assert f["_version_data/versions/v2/x"].attrs["vlen"] == "\udcfe"  # h5py's own view of b"\xfe"
+    assert json.loads(fast.read_bytes("latest/.attrs.json")) == attrs
+
+
+def test_private_attributes_cannot_be_set_through_attrs_json(fast):
+    """SEMANTICS.md § Private attributes: names versionfs or the library keep for
+    themselves are ignored in an edited .attrs.json (a user cannot set a file's
+    mode or a version's message that way); other attributes are set."""
+    attrs = {"x.npy": {"_versionfs_mode": 0o100000, "units": "m"}}
+    fast.write_bytes("staging/.attrs.json", json.dumps(attrs).encode())
+    assert fast.commit("v2") == "v2"
+    assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o644
+    assert json.loads(fast.read_bytes("latest/.attrs.json")) == {"x.npy": {"units": "m"}}
+    with h5py.File(fast.source, "r") as f:
+        assert "_versionfs_mode" not in f["_version_data/versions/v2/x"].attrs
 
 
 def test_a_writer_of_the_mounted_file_gets_hdf5_s_lock_error(fast):

@@ -51,6 +51,7 @@ from versioned_hdf5.slicetools import create_virtual_dataset
 
 from ..errors import CommitError
 from ..journal import JournaledFile
+from ..logs import once
 from . import npy
 from .base import Change, Dir, File, Progress, find
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FILE_MARKS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR,
@@ -639,6 +640,9 @@ class _Writer:
             for attr in [a for a in attributes.keys() if a not in INTERNAL_ATTRS and a not in wanted]:
                 del attributes[attr]
             for attr, value in wanted.items():
+                if attr in INTERNAL_ATTRS:  # versionfs's own and the library's: not the user's to set
+                    log.warning("%s: attribute %r is reserved; ignored", path, attr, extra=once(("reserved attr", attr)))
+                    continue
                 attributes[attr] = value
 
 
