@@ -162,20 +162,23 @@ def test_odd_names_get_one_rule(tmp_path):
         fs.loop.close()
 
 
-def test_a_chmod_alone_of_a_base_file_is_not_committed(fast):
-    """SEMANTICS.md § Where versionfs departs from its design contract: a chmod of a
-    file of the base that is not written is shown in staging but not committed (a
-    gap); the next write of it carries the mode."""
+def test_a_chmod_alone_of_a_base_file_is_committed(fast):
+    """SEMANTICS.md § What a version keeps: a chmod of a file of the base that is not
+    written is a change (M); the version keeps the new mode and the same data (the
+    dataset's chunks are shared, nothing is rewritten). A touch or chown alone is not."""
     fast.setattr("staging/x.npy", mode=0o600)
+    fast.setattr("staging/sub/y.npy", mtime_ns=1_600_000_000_000_000_000)
     assert stat.S_IMODE(fast.stat("staging/x.npy").st_mode) == 0o600
-    assert fast.status() == []
-    assert fast.commit("v2") is None
-    assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o644
-    fast.setattr("staging/x.npy", mode=0o600)
-    fast.write_bytes("staging/x.npy", fast.read_bytes("staging/x.npy"))  # written: now it counts
     assert fast.status() == ["M x.npy"]
-    assert fast.commit("v3") == "v3"
+    before = fast.read_bytes("latest/x.npy")
+    assert fast.commit("v2") == "v2"
     assert stat.S_IMODE(fast.stat("latest/x.npy").st_mode) == 0o600
+    assert fast.read_bytes("latest/x.npy") == before
+    assert stat.S_IMODE(fast.stat("versions/v1/x.npy").st_mode) == 0o644  # the old version as it was
+    assert fast.status() == []
+    with h5py.File(fast.source, "r") as f:
+        assert stat.S_IMODE(int(f["_version_data/versions/v2/x"].attrs["_versionfs_mode"])) == 0o600
+        assert "_versionfs_mode" not in f["_version_data/versions/v1/x"].attrs
 
 
 def test_equal_timestamps_are_ordered_parent_before_child(tmp_path):

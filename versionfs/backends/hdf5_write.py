@@ -445,6 +445,12 @@ class _Writer:
         self.group(posixpath.dirname(h5path))
         kind = ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
         marks = self.marks(change)
+        if change.local is None and change.base_path == change.path and kind is not None:
+            # Its metadata alone (a chmod): the inherited dataset keeps its data, new marks.
+            name = h5path
+            for key, value in marks.items():
+                self.g[name].attrs[key] = value
+            return None
         if change.local is None:
             source = find(self.tree, change.base_path or "")
             if isinstance(source, File) and source.ref is not None and source.content is None:
