@@ -68,6 +68,28 @@ def test_commit_writes_changes_and_only_changes(endpoint, mount, tmp_path):
     assert run_versionfs("commit", str(m.path)).stdout.strip() == "unchanged"
 
 
+def test_a_chmod_alone_is_committed(endpoint, mount):
+    """SEMANTICS.md § What a version keeps: a chmod of a file that is not written is a
+    change (a copy of the object by the store, with the new mode in s3fs's metadata);
+    a touch alone is not."""
+    s3 = make_client(endpoint)
+    bucket = make_versioned_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="d/run.sh", Body=b"#!/bin/sh\n", Metadata={"note": "kept"})
+    s3.put_object(Bucket=bucket, Key="d/data.txt", Body=b"data")
+    m = mount(f"s3://{bucket}/d", "--endpoint-url", endpoint)
+    os.chmod(m.path / "staging/run.sh", 0o755)
+    os.utime(m.path / "staging/data.txt", (1_600_000_000, 1_600_000_000))
+    assert run_versionfs("status", str(m.path)).stdout.split("\n") == ["M run.sh", ""]
+    result = run_versionfs("commit", str(m.path), "-m", "executable")
+    assert result.returncode == 0, result.stderr
+    head = s3.head_object(Bucket=bucket, Key="d/run.sh")
+    assert int(head["Metadata"]["mode"]) == 0o100755 and head["Metadata"]["note"] == "kept"
+    assert s3.get_object(Bucket=bucket, Key="d/run.sh")["Body"].read() == b"#!/bin/sh\n"
+    assert len(versions_of(s3, bucket, "d/run.sh")) == 2 and len(versions_of(s3, bucket, "d/data.txt")) == 1
+    assert os.stat(m.path / "latest/run.sh").st_mode & 0o777 == 0o755
+    assert run_versionfs("status", str(m.path)).stdout == ""
+
+
 def test_large_files_go_up_in_parts(endpoint, mount):
     s3 = make_client(endpoint)
     bucket = make_versioned_bucket(s3)

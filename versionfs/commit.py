@@ -72,13 +72,14 @@ def candidate_changes(base: Dir, store, generated: frozenset[str] = frozenset())
             if row.blob is not None:
                 written = tuple(store.written(row.blob)) if row.tracked and row.origin == path else None
                 changes.append(Change(path, "file", local=store.blob_path(row.blob), written=written, **_kept(row)))
-            elif row.base_path is not None and row.base_path != path:
+            elif row.base_path is not None and (row.base_path != path or isinstance(entry, File)):
+                # A rename, or (same path) a metadata change: real_changes keeps it if the mode changed.
                 changes.append(Change(path, "file", base_path=row.base_path, **_kept(row)))
     return changes
 
 
 def _kept(row: Row) -> dict:
-    """The metadata a version keeps of a staged entry (README: what a version keeps)."""
+    """The metadata a version keeps of a staged entry (doc/SEMANTICS.md § What a version keeps)."""
     return {"mode": row.mode, "mtime_ns": row.mtime_ns, "uid": row.uid, "gid": row.gid}
 
 
@@ -90,6 +91,9 @@ def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
         if change.kind == "file" and change.local is not None and isinstance(entry, File):
             if same_mode(backend, entry, change) and backend.same_content(entry, change.local, change.written):
                 continue
+        if change.kind == "file" and change.base_path == change.path and isinstance(entry, File):
+            if same_mode(backend, entry, change):
+                continue  # owner or times alone: a version keeps neither of a file it did not write
         if change.kind == "link" and isinstance(entry, File) and same_link(backend, entry, change.target):
             continue
         out.append(change)

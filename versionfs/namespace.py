@@ -1,5 +1,5 @@
 """Which path is which version: the one place that maps the mount's layout
-(DESIGN.md section 1) onto a backend's versions and trees.
+(doc/SEMANTICS.md § The layout) onto a backend's versions and trees.
 
 Nodes are backend-agnostic: they hold ``Dir``/``File`` entries that a backend
 built, and ask the backend (through the worker) only for data. ``fs.py`` turns
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # second, and is invalidated explicitly as well.
 IMMUTABLE_TTL = 86400.0
 SHORT_TTL = 1.0
-# What is kept in memory, by size (README: cost model): entries of whole trees,
+# What is kept in memory, by size (doc/OPERATING.md § Disk and memory): entries of whole trees,
 # entries of single directories, entries of history directories. An entry is
 # about half a KiB, so each is bounded at about 50 MiB.
 TREE_CACHE_ENTRIES = 100_000
@@ -509,7 +509,7 @@ class HistoryListing:
 
 def history_listing(history: History) -> HistoryListing:
     """Entry names ``NNNN_<time>_<id>`` (``…_deleted`` for a deletion); the id is
-    percent-encoded so that any VersionId is one safe name (README: history/)."""
+    percent-encoded so that any VersionId is one safe name (doc/SEMANTICS.md § Odd names)."""
     width = max(4, len(str(len(history.revisions) - 1)))
     entries: dict[str, HistoryEntry] = {}
     for position, revision in enumerate(history.revisions):
@@ -602,7 +602,7 @@ class Namespace:
         return changed
 
     def kept(self) -> dict[str, int]:
-        """Entries each cache holds now (README: cost model)."""
+        """Entries each cache holds now (doc/OPERATING.md § Disk and memory)."""
         return {"tree entries": self._trees.total, "listing entries": self._listings.total,
                 "history entries": self._histories.total, "image entries": len(self._images)}
 

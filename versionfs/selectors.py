@@ -1,4 +1,4 @@
-"""The selector grammar: ``@<time>``, ``@<position>`` and ``@id:<id>`` (DESIGN.md section 1).
+"""The selector grammar: ``@<time>``, ``@<position>`` and ``@id:<id>`` (doc/SEMANTICS.md § Selectors).
 
 One grammar serves the root, ``history/`` and the CLI. A selector names an
 instant (the version current *as of* then), a position in the oldest-first list,

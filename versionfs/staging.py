@@ -3,7 +3,7 @@
 The base version is below; the spool (``spool.Store``: rows in SQLite, contents
 in blob files) is above. A staged row wins over the base; unchanged entries are
 read from the base. While a file is in staging it behaves as on a local disk:
-owner, group, mode bits and three times are kept per entry (README: staging's
+owner, group, mode bits and three times are kept per entry (doc/SEMANTICS.md: staging's
 metadata), a directory's link count is 2 plus its subdirectories, and a file
 unlinked while open keeps working through its descriptors until closed.
 

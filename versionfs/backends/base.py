@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Counter, Mapping, NamedTuple, Protocol, Union
@@ -327,8 +328,14 @@ def compare_by_reading(backend: Backend, entry: File, local: str, written: tuple
 
 
 def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON (sorted keys, fixed float form) so that diff -r is useful."""
-    return (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+    """Deterministic JSON (sorted keys, fixed float form) so that diff -r is useful.
+    Lone surrogates (bytes that were not UTF-8) are written as \\udcXX escapes:
+    the file stays valid UTF-8 and reads back to the same bytes."""
+    text = json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False)
+    return (_LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n").encode()
+
+
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def version_json(version: VersionInfo, extra: Mapping[str, Any] | None = None) -> bytes:

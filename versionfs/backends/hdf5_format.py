@@ -81,7 +81,8 @@ class VersionFileRef:
 
 @dataclass(frozen=True, slots=True)
 class RawRef:
-    """A uint8 dataset holding the raw bytes of a staged file (README: Writing)."""
+    """A uint8 dataset holding the raw bytes of a staged file (doc/SEMANTICS.md §
+    How staged files become the next version)."""
 
     h5path: str
     kind = "raw"
@@ -113,7 +114,9 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, bytes):
-        return x.decode("utf-8", "backslashreplace")
+        # Bytes that are not UTF-8 become lone surrogates (\udc80-\udcff in the
+        # JSON, see canonical_json): json_to_attr gives back exactly these bytes.
+        return x.decode("utf-8", "surrogateescape")
     if isinstance(x, complex):
         return [x.real, x.imag]
     if isinstance(x, np.generic):
@@ -142,7 +145,7 @@ def json_to_attr(value: Any) -> Any:
             raise ValueError(f"an attribute value cannot be an object: {value!r}")
         spec, raw = value["dtype"], value["value"]
         if spec == "bytes":
-            return str(raw).encode("utf-8")
+            return np.bytes_(str(raw).encode("utf-8", "surrogateescape"))  # fixed-length, as it came
         dtype = np.dtype(ast.literal_eval(spec)) if spec.startswith("[") else np.dtype(spec)
         if dtype.kind == "c":
             raw = _complexify(raw)
@@ -156,6 +159,10 @@ def json_to_attr(value: Any) -> Any:
     if isinstance(value, float):
         return np.float64(value)
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # h5py shows variable-length bytes that are not UTF-8 so
+            return value.encode("utf-8", "surrogateescape")
         return value
     if isinstance(value, list):
         if value and all(isinstance(v, str) for v in value):
@@ -171,7 +178,7 @@ def _complexify(raw: Any) -> Any:
 
 
 def _bytesify(raw: Any) -> Any:
-    return raw.encode("utf-8") if isinstance(raw, str) else [_bytesify(x) for x in raw]
+    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else [_bytesify(x) for x in raw]
 
 
 def _tuplify(raw: Any) -> Any:

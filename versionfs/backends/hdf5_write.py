@@ -3,7 +3,7 @@
 The commit goes through versioned-hdf5's own ``stage_version`` (so unchanged
 datasets are not rewritten and changed ones are chunk-deduplicated by the
 library), on an h5py file opened through ``JournaledFile`` (so the commit is
-atomic and durable). How staged files map to datasets (README, "Writing"):
+atomic and durable). How staged files map to datasets (doc/SEMANTICS.md, "How staged files become the next version"):
 
 - ``<name>.npy`` (valid, fixed-size dtype) is dataset ``<name>``;
 - ``<name>.txt`` is a variable-length string dataset ``<name>`` when the text
@@ -51,6 +51,7 @@ from versioned_hdf5.slicetools import create_virtual_dataset
 
 from ..errors import CommitError
 from ..journal import JournaledFile
+from ..logs import once
 from . import npy
 from .base import Change, Dir, File, Progress, find
 from .hdf5_format import (ATTRS_FILE, EXTENSIONS, FILE_MARKS, FIRST_VERSION, INTERNAL_ATTRS, LINK_ATTR, MESSAGE_ATTR,
@@ -389,7 +390,7 @@ class _Writer:
 
     @staticmethod
     def marks(change: Change) -> dict[str, Any]:
-        """What a version keeps of a staged file besides its bytes (README)."""
+        """What a version keeps of a staged file besides its bytes (doc/SEMANTICS.md § What a version keeps)."""
         marks: dict[str, Any] = {}
         mtime = change.mtime_ns
         if mtime is None and change.local is not None:
@@ -444,6 +445,12 @@ class _Writer:
         self.group(posixpath.dirname(h5path))
         kind = ref_kind(entry.ref) if isinstance(entry, File) and entry.ref is not None else None
         marks = self.marks(change)
+        if change.local is None and change.base_path == change.path and kind is not None:
+            # Its metadata alone (a chmod): the inherited dataset keeps its data, new marks.
+            name = h5path
+            for key, value in marks.items():
+                self.g[name].attrs[key] = value
+            return None
         if change.local is None:
             source = find(self.tree, change.base_path or "")
             if isinstance(source, File) and source.ref is not None and source.content is None:
@@ -468,7 +475,7 @@ class _Writer:
                 self.meter.add(len(data))
                 return self.put_text(name, values, change.path, existing=kind is not None, attrs=marks)
             if kind:
-                raise CommitError(f"{change.path}: this text does not map back to the same bytes (see README, text form)")
+                raise CommitError(f"{change.path}: this text does not map back to the same bytes (see doc/SEMANTICS.md, text form)")
         if change.local is not None:
             source: Any = FileArray(change.local, 0, np.dtype(np.uint8), (size,), self.meter)
         else:
@@ -639,6 +646,9 @@ class _Writer:
             for attr in [a for a in attributes.keys() if a not in INTERNAL_ATTRS and a not in wanted]:
                 del attributes[attr]
             for attr, value in wanted.items():
+                if attr in INTERNAL_ATTRS:  # versionfs's own and the library's: not the user's to set
+                    log.warning("%s: attribute %r is reserved; ignored", path, attr, extra=once(("reserved attr", attr)))
+                    continue
                 attributes[attr] = value
 
 

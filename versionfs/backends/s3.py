@@ -124,7 +124,7 @@ def fraction_digits(instants: list[dt.datetime]) -> int:
 
 def path_parts(relative_key: str) -> list[str] | None:
     """The path components of a key below the prefix, or None if it cannot be a
-    path (README: keys that are not valid paths are skipped and logged once)."""
+    path (doc/SEMANTICS.md § Odd names: keys that are not valid paths are skipped and logged once)."""
     if not relative_key or relative_key.endswith("/") or "\0" in relative_key:
         return None
     parts = relative_key.split("/")
@@ -607,7 +607,7 @@ class S3Backend:
             else:
                 source = find(tree, change.base_path or "")
                 assert isinstance(source, File)
-                writes[key] = Write(key, "copy", base_ref, source=source.ref)
+                writes[key] = Write(key, "copy", base_ref, source=source.ref, meta=meta)  # a rename, or a chmod alone
         return list(writes.values()) + [d for k, d in deletes.items() if k not in writes]
 
     def _run(self, writes: list["Write"], do: Any) -> BaseException | None:
@@ -643,7 +643,7 @@ class S3Backend:
         if w.kind == "delete":
             w.version_id = self._delete(w.base)
         elif w.kind == "copy":
-            w.version_id, w.etag = self._copy(w.key, w.source, w.base)
+            w.version_id, w.etag = self._copy(w.key, w.source, w.base, {**metadata, **w.meta})
         else:
             w.version_id = self._upload(w, {**metadata, **w.meta}, meter)
         meter.done(w.size if w.kind != "put" or w.size <= self.multipart_threshold else 0)
@@ -766,12 +766,16 @@ class S3Backend:
                 pass
             raise
 
-    def _copy(self, key: str, source: S3Ref, base: S3Ref | None) -> tuple[str | None, str]:
-        """A rename without edits: a copy made by the store itself."""
+    def _copy(self, key: str, source: S3Ref, base: S3Ref | None, meta: dict[str, str]) -> tuple[str | None, str]:
+        """A rename without edits, or a chmod alone: a copy made by the store itself,
+        with the source's metadata and then ``meta`` (the file's mode, times, the message)."""
+        kept = self.client.head_object(Bucket=self.bucket, Key=source.key, VersionId=source.version_id).get("Metadata", {})
+        kept.pop(MESSAGE_META, None)  # the source's commit message is not this commit's
         try:
             answer = self.client.copy_object(
                 Bucket=self.bucket, Key=key,
                 CopySource={"Bucket": self.bucket, "Key": source.key, "VersionId": source.version_id},
+                MetadataDirective="REPLACE", Metadata={**kept, **meta},
                 **self._condition(base),
             )
         except Exception as e:
