@@ -46,7 +46,7 @@ LINK_MAX = 4095  # bytes in a symbolic link's target (PATH_MAX less the NUL)
 
 @dataclass(frozen=True)
 class FileMeta:
-    """What a version kept of a file besides its content (README: what a version keeps)."""
+    """What a version kept of a file besides its content (doc/SEMANTICS.md § What a version keeps)."""
 
     mode: int | None = None  # permission bits as committed (None: not recorded)
     link: bool = False  # a symbolic link: the content is its target
@@ -352,7 +352,7 @@ def version_json(version: VersionInfo, extra: Mapping[str, Any] | None = None) -
 
 def safe_name(name: str, ext: str, taken: set[str], reserved: frozenset[str] = frozenset()) -> str:
     """The shown name for a stored name: itself plus ``ext`` unless that is taken,
-    reserved or longer than 255 bytes; then ``<stem>~<hash8><ext>`` (README: odd names)."""
+    reserved or longer than 255 bytes; then ``<stem>~<hash8><ext>`` (doc/SEMANTICS.md § Odd names)."""
     shown = name + ext
     if shown not in taken and shown not in reserved and len(shown.encode()) <= NAME_MAX:
         return shown

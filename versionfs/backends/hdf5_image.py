@@ -297,7 +297,7 @@ class _Builder:
             except hdf5_raw.ERRORS:
                 info = None
             if info is not None and info.attrs is not None and LINK_ATTR in info.attrs:
-                continue  # a stored symlink: a plain HDF5 file has no such thing (README)
+                continue  # a stored symlink: a plain HDF5 file has no such thing (doc/SEMANTICS.md § Images: X.h5)
             if info is not None and info.kind == "dataset" and \
                     self._copy_planned(path, info, dst, _plain_name(name, self._stored_name(info), names)):
                 continue
@@ -314,7 +314,7 @@ class _Builder:
                 self._copy_group(obj, child)
             elif isinstance(obj, h5py.Dataset):
                 if LINK_ATTR in obj.attrs:
-                    continue  # a stored symlink: a plain HDF5 file has no such thing (README)
+                    continue  # a stored symlink: a plain HDF5 file has no such thing (doc/SEMANTICS.md § Images: X.h5)
                 self._copy_or_skip(obj, dst, _plain_name(name, obj.attrs.get(NAME_ATTR), names))
             else:
                 self._skip(obj.name, f"unsupported object {type(obj).__name__}")
