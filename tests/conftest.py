@@ -2,7 +2,9 @@
 
 Every mount is made by the real ``versionfs mount`` (which returns once the
 mount is usable) and always taken down: ``fusermount3 -u -z``, then the daemon
-is killed by pid if it is still there.
+is killed by pid if it is still there. A test whose daemon logged "answering
+EIO" (an unexpected failure, fs._guard) fails, unless it is marked
+``eio_expected``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,17 @@ class Mounter:
         for m in self.made:
             force_unmount(m.path, m.pid)
 
+    def unexpected_eio(self) -> list[str]:
+        """The daemons' "answering EIO" lines (each names the request and the cause)."""
+        return [line for m in self.made for line in m.log.splitlines() if "answering EIO" in line]
+
+
+def fail_on_unexpected_eio(request: pytest.FixtureRequest, mounter: Mounter) -> None:
+    lines = mounter.unexpected_eio()
+    if lines and request.node.get_closest_marker("eio_expected") is None:
+        pytest.fail("the daemon answered EIO (mark the test eio_expected if that is the point):\n" + "\n".join(lines[:5]),
+                    pytrace=False)
+
 
 @pytest.fixture
 def mnt(tmp_path) -> Iterator[Path]:
@@ -115,15 +128,17 @@ def mnt(tmp_path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def mount(tmp_path_factory) -> Iterator[Mounter]:
+def mount(request, tmp_path_factory) -> Iterator[Mounter]:
     """``mount(source, *extra_args)`` mounts on a fresh directory; all are undone."""
     mounter = Mounter(tmp_path_factory)
     yield mounter
     mounter.close()
+    fail_on_unexpected_eio(request, mounter)
 
 
 @pytest.fixture(scope="module")
-def module_mount(tmp_path_factory) -> Iterator[Mounter]:
+def module_mount(request, tmp_path_factory) -> Iterator[Mounter]:
     mounter = Mounter(tmp_path_factory)
     yield mounter
     mounter.close()
+    fail_on_unexpected_eio(request, mounter)
