@@ -64,6 +64,10 @@ class FileBusy(Exception):
     """Another process holds the file's lock."""
 
 
+class SpoolBusy(UserError):
+    """Another mount holds this source's staging (spool.py's one-mount lock)."""
+
+
 class JournalRefused(SourceError):
     """A leftover commit journal that does not belong to the file as it is now:
     nothing is rolled back (journal.py)."""
@@ -103,7 +107,8 @@ class DamagedData(StoreError):
 
 
 def exit_code(error: BaseException) -> int:
-    return getattr(error, "exit_code", EXIT_ERROR)
+    """The exit code a failure ends a command with: a UserError's own, else 1."""
+    return error.exit_code if isinstance(error, UserError) else EXIT_ERROR
 
 
 @dataclass(frozen=True)

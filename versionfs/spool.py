@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-from .errors import UserError
+from .errors import SpoolBusy
 
 log = logging.getLogger(__name__)
 RESERVE_BYTES = 1 << 20
@@ -89,10 +89,6 @@ class Row:
 
 class RetryFreed(Exception):
     """The reserve was given up on a full disk: run the change again."""
-
-
-class SpoolBusy(UserError):
-    """Another mount holds this source's staging."""
 
 
 class Store:
