@@ -13,8 +13,9 @@ import errno
 import os
 import stat
 import threading
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyfuse3
 import trio
@@ -355,6 +356,17 @@ class FastFS:
 
     def discard(self) -> None:
         self.loop.run(self.committer.discard)
+
+
+@contextmanager
+def fast_fs(source: Any, state: Any) -> Iterator[FastFS]:
+    """A FastFS on ``source`` with its spool in ``state``; closed, with its loop, after."""
+    fs = FastFS(str(source), str(state))
+    try:
+        yield fs
+    finally:
+        fs.close()
+        fs.loop.close()
 
 
 def local_tree(path: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fastfs import FastFS, ctx
+from fastfs import FastFS, ctx, fast_fs
 from helpers import make_versions
 from versionfs.backends.base import canonical_json
 from versionfs.backends.hdf5_format import attr_to_json, json_to_attr
@@ -26,10 +26,8 @@ def v1(g):
 
 @pytest.fixture
 def fast(tmp_path):
-    fs = FastFS(str(make_versions(tmp_path / "f.h5", v1)), str(tmp_path / "state"))
-    yield fs
-    fs.close()
-    fs.loop.close()
+    with fast_fs(make_versions(tmp_path / "f.h5", v1), tmp_path / "state") as fs:
+        yield fs
 
 
 def getattr_of(fast: FastFS, inode: int):

@@ -22,7 +22,7 @@ import pytest
 from versioned_hdf5 import VersionedHDF5File
 
 from conftest import force_unmount, is_mounted, run_versionfs
-from fastfs import FastFS, ctx
+from fastfs import FastFS, ctx, fast_fs
 from helpers import make_versions
 from s3servers import make_client, make_versioned_bucket
 
@@ -36,10 +36,8 @@ def v1(g):
 
 @pytest.fixture
 def fast(tmp_path):
-    fs = FastFS(str(make_versions(tmp_path / "f.h5", v1)), str(tmp_path / "state"))
-    yield fs
-    fs.close()
-    fs.loop.close()
+    with fast_fs(make_versions(tmp_path / "f.h5", v1), tmp_path / "state") as fs:
+        yield fs
 
 
 # -- without a kernel ----------------------------------------------------------------
