@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,15 +30,21 @@ def main() -> int:
     args = p.parse_args()
     ctx = Context(reps=args.reps)
     results: dict[str, Result] = {}
+    failed = []
     for name in args.only or GROUPS:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = importlib.import_module(f"bench_{name}").run(ctx)
+        try:
+            results[name] = importlib.import_module(f"bench_{name}").run(ctx)
+        except Exception as e:  # noqa: BLE001 - one group's failure must not lose the others' results
+            traceback.print_exc()
+            failed.append(name)
+            results[name] = Result(f"**failed**: {type(e).__name__}: {e}", [])
     table = fmt_table(results)
     print(table, end="")
     if not args.only:
         write_readme(table)
         print(f"(written to {README.relative_to(Path.cwd()) if README.is_relative_to(Path.cwd()) else README})", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
