@@ -179,6 +179,19 @@ def test_a_chmod_alone_of_a_base_file_is_committed(fast):
         assert "_versionfs_mode" not in f["_version_data/versions/v1/x"].attrs
 
 
+def test_a_touch_or_chown_alone_of_a_base_symlink_is_not_a_change(fast):
+    """SEMANTICS.md § What a version keeps: only a mode change of a file not written
+    counts; a link's mode is always 0777, so `touch -h` or `chown -h` of a committed
+    symbolic link changes nothing."""
+    fast.symlink("x.npy", "staging/to_x")
+    assert fast.commit("v2") == "v2"
+    fast.setattr("staging/to_x", follow=False, mtime_ns=1_600_000_000_000_000_000)
+    fast.setattr("staging/to_x", follow=False, uid=0, gid=0)
+    assert fast.status() == []
+    assert fast.commit("v3") is None
+    assert fast.readlink("latest/to_x") == "x.npy"
+
+
 def test_equal_timestamps_are_ordered_parent_before_child(tmp_path):
     """SEMANTICS.md § Selectors: versions with the same timestamp are listed parent
     before child (the prev_version chain), not by name, and an as-of lookup that lands

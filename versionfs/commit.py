@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from .backends.base import Change, Dir, File, Progress, find, join
+from .backends.base import Change, Dir, File, FileMeta, Progress, find, join
 from .errors import CommitRefused, Conflict
 from .namespace import Namespace
 from .selectors import choose
@@ -92,17 +92,21 @@ def real_changes(backend, changes: list[Change], base: Dir) -> list[Change]:
             if same_mode(backend, entry, change) and backend.same_content(entry, change.local, change.written):
                 continue
         if change.kind == "file" and change.base_path == change.path and isinstance(entry, File):
-            if same_mode(backend, entry, change):
-                continue  # owner or times alone: a version keeps neither of a file it did not write
+            if same_mode(backend, entry, change) or file_meta(backend, entry).link:
+                continue  # owner or times alone (a link's mode is always 0777): nothing a version keeps changed
         if change.kind == "link" and isinstance(entry, File) and same_link(backend, entry, change.target):
             continue
         out.append(change)
     return out
 
 
+def file_meta(backend, entry: File) -> FileMeta:
+    return entry.meta if entry.meta is not None else backend.file_meta(entry.ref)
+
+
 def same_mode(backend, entry: File, change: Change) -> bool:
     """Whether a staged file keeps the mode bits its base version shows in staging."""
-    meta = entry.meta if entry.meta is not None else backend.file_meta(entry.ref)
+    meta = file_meta(backend, entry)
     if meta.link:
         return False
     base_mode = meta.mode if meta.mode is not None else FILE_MODE
@@ -110,7 +114,7 @@ def same_mode(backend, entry: File, change: Change) -> bool:
 
 
 def same_link(backend, entry: File, target: str | None) -> bool:
-    meta = entry.meta if entry.meta is not None else backend.file_meta(entry.ref)
+    meta = file_meta(backend, entry)
     if not meta.link or target is None:
         return False
     data = entry.content if entry.content is not None else bytes(backend.read(entry.ref, 0, entry.size or 0))
